@@ -1,0 +1,23 @@
+"""Architecture name (config.json "architectures") -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qserve.config import SUPPORTED_ARCHITECTURES
+from qserve.errors import UnsupportedModelError
+
+
+def supported_architectures() -> tuple[str, ...]:
+    return SUPPORTED_ARCHITECTURES
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    from qserve.models.llama import LlamaForCausalLM
+
+    registry: dict[str, type[nn.Module]] = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
+    if architecture not in registry:
+        raise UnsupportedModelError(
+            f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return registry[architecture]

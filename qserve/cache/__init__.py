@@ -1,0 +1,1 @@
+"""Paged KV cache: block accounting (BlockPool, KVCacheManager) and storage (kv_cache)."""

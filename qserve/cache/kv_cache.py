@@ -1,0 +1,63 @@
+"""KV cache storage: its byte size per token and block (one formula for planner and engine), and allocation.
+
+Every KV dtype sits behind `KVCacheSpec`: the engine asks it how many blocks a byte budget buys and for
+the per-layer tensors; attention kernels read the layout documented in qserve.kernels.attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qserve.errors import QServeError
+
+# KV dtype name -> bytes per element
+FLOAT_KV_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+KV_CACHE_DTYPES = ("auto", "fp16", "bf16", "fp32")
+
+
+def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: str) -> str:
+    """'auto' -> the model's own dtype; otherwise a validated KV dtype name."""
+    name = kv_cache_dtype.lower()
+    if name == "auto":
+        name = model_dtype
+    name = _ALIASES.get(name, name)
+    if name not in FLOAT_KV_DTYPES:
+        raise QServeError(f"unsupported kv cache dtype {kv_cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Shape of the whole KV cache for one model: the single source of the byte formulas."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str  # "fp16" | "bf16" | "fp32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return FLOAT_KV_DTYPES[self.dtype]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V, every layer, every KV head."""
+        elem = torch.empty((), dtype=self.torch_dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+    def num_blocks(self, budget_bytes: int) -> int:
+        """Whole blocks that fit in ``budget_bytes``."""
+        return budget_bytes // self.bytes_per_block
+
+    def allocate(self, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
+        """One (2, num_blocks, block_size, Hkv, D) tensor per layer."""
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return [torch.zeros(shape, dtype=self.torch_dtype, device=device) for _ in range(self.num_layers)]

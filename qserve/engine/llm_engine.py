@@ -1,0 +1,222 @@
+"""LLMEngine: requests in, one scheduling + model step at a time, RequestOutputs out."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+import torch
+
+from qserve.cache.kv_cache import KVCacheSpec, resolve_kv_dtype
+from qserve.cache.kv_cache_manager import KVCacheManager
+from qserve.config import EngineConfig, ModelConfig, canonical_dtype, resolve_model_path
+from qserve.engine.metrics import EngineMetrics
+from qserve.engine.model_runner import ModelRunner
+from qserve.engine.scheduler import Scheduler
+from qserve.engine.sequence import Sequence
+from qserve.errors import QServeError
+from qserve.models.loader import load_model, torch_dtype
+from qserve.tokenizer import IncrementalDetokenizer, load_tokenizer
+from qserve.types import RequestOutput, SamplingParams
+
+logger = logging.getLogger("qserve")
+DEFAULT_CPU_KV_CAP = 4 << 30  # bytes: cap on the CPU KV pool when no size is given
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise QServeError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QServeError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+class LLMEngine:
+    """Owns the model, the KV cache, the scheduler and the per-request detokenizers.
+
+    Not thread-safe: one thread calls add_request / abort_request / step (the server wraps it).
+    """
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        path = resolve_model_path(config.model)
+        self.model_config = cfg = ModelConfig.from_pretrained(path)
+        self.device = resolve_device(config.device)
+        self.dtype_name = cfg.dtype if config.dtype == "auto" else canonical_dtype(config.dtype)
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_model(path, cfg, torch_dtype(self.dtype_name), self.device)
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, {"float32": "fp32", "float16": "fp16"}.get(
+            self.dtype_name, "bf16"))
+        self.kv_spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, kv_dtype)
+        num_blocks = self._num_blocks(config)
+        if num_blocks < 1:
+            raise QServeError(
+                f"kv cache memory {config.kv_cache_memory} B is below one block ({self.kv_spec.bytes_per_block} B)"
+            )
+        self.kv = KVCacheManager(num_blocks, config.block_size)
+        if self.kv.capacity_tokens < self.max_model_len:
+            logger.warning("max_model_len %d exceeds KV capacity; lowered to %d", self.max_model_len,
+                           self.kv.capacity_tokens)
+            self.max_model_len = self.kv.capacity_tokens
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_spec.allocate(num_blocks, self.device), self.kv, self.device)
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(int(self.tokenizer.eos_token_id))
+        self.seqs: dict[str, Sequence] = {}
+        self.detok: dict[int, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self.stats = EngineMetrics()
+
+    def _num_blocks(self, config: EngineConfig) -> int:
+        if config.kv_cache_memory is not None:
+            return self.kv_spec.num_blocks(config.kv_cache_memory)
+        want = config.max_num_seqs * self.max_model_len * self.kv_spec.bytes_per_token
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * 0.9) - (1 << 30)  # leave room for activations
+        else:
+            budget = DEFAULT_CPU_KV_CAP
+        return self.kv_spec.num_blocks(max(min(want, budget), self.kv_spec.bytes_per_block))
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+    ) -> Sequence:
+        if request_id in self.seqs:
+            raise QServeError(f"duplicate request id {request_id!r}")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise QServeError("a request needs a prompt or prompt_token_ids")
+            prompt_token_ids = list(self.tokenizer.encode(prompt))
+        if not prompt_token_ids:
+            raise QServeError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise QServeError(f"prompt token ids must be in [0, {vocab})")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len and params.max_tokens > 0 or n > self.max_model_len:
+            raise QServeError(f"prompt has {n} tokens; this model's max_model_len is {self.max_model_len}")
+        gen = None if params.greedy else self._generator
+        if params.seed is not None:
+            gen = torch.Generator().manual_seed(params.seed)
+        seq = Sequence(
+            seq_id=next(self._ids),
+            request_id=request_id,
+            prompt=prompt,
+            token_ids=list(prompt_token_ids),
+            num_prompt_tokens=n,
+            params=params,
+            max_total_tokens=min(n + params.max_tokens, self.max_model_len),
+            generator=gen,
+            logprobs=[] if params.logprobs is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
+        self.seqs[request_id] = seq
+        self.detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self.scheduler.add(seq)
+        self.stats.prompt_tokens_total += n
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, "abort")
+            self.detok.pop(seq.seq_id, None)
+            self.stats.finished(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and return the requests that made progress this step."""
+        t0 = time.perf_counter()
+        so = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        if so.is_empty:
+            return []
+        ro = self.runner.execute(so)
+        t2 = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        for s in so.scheduled:
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            if seq.prompt_logprobs is not None and seq.seq_id in ro.prompt_logprobs:
+                seq.prompt_logprobs.extend(ro.prompt_logprobs[seq.seq_id])
+            if seq.seq_id not in ro.sampled:
+                continue
+            outputs.append(self._append_token(seq, ro.sampled[seq.seq_id], ro.logprobs.get(seq.seq_id)))
+        t3 = time.perf_counter()
+        self.stats.record_step(so, ro.seconds, schedule=t1 - t0, detokenize=t3 - t2, total=t3 - t0)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: Any) -> RequestOutput:
+        p = seq.params
+        if p.max_tokens == 0:  # prompt scoring only (echo): nothing is generated
+            self._finish(seq, "length")
+            return self._output(seq, "", [])
+        seq.token_ids.append(token)
+        if seq.logprobs is not None and logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        self.stats.generation_tokens_total += 1
+        delta = self.detok[seq.seq_id].step([token])
+        reason = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in (p.stop_token_ids or ()):
+            reason = "stop"
+        elif seq.num_tokens >= seq.max_total_tokens:
+            reason = "length"
+        if p.stop and delta:
+            # search only the tail where a stop string could newly appear
+            text = seq.output_text + delta
+            tail_start = max(0, len(seq.output_text) - max(len(s) for s in p.stop) + 1)
+            hits = [i for s in p.stop if (i := text.find(s, tail_start)) >= 0]
+            if hits:
+                cut = min(hits)
+                delta = text[len(seq.output_text) : cut]
+                seq.output_text = text[:cut]
+                reason = "stop"
+            else:
+                seq.output_text = text
+        else:
+            seq.output_text += delta
+        if reason is not None:
+            self._finish(seq, reason)
+        return self._output(seq, delta, [token])
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.seqs.pop(seq.request_id, None)
+        self.detok.pop(seq.seq_id, None)
+        self.stats.finished(seq)
+
+    def _output(self, seq: Sequence, delta: str, delta_ids: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            text=seq.output_text,
+            token_ids=seq.output_token_ids,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            delta_text=delta,
+            delta_token_ids=delta_ids,
+            logprobs=seq.logprobs,
+            prompt_logprobs=seq.prompt_logprobs,
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        """The metrics of DESIGN §4 by name, without the ``qserve_`` prefix."""
+        return self.stats.snapshot(self)

@@ -1,0 +1,52 @@
+"""Turns logits into tokens: greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from qserve.types import SamplingParams, TokenLogprob
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (V,) logits outside the top-k and the top-p nucleus with -inf."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: (S, V) float32, one row per sequence. Returns token ids and, where asked, their logprobs."""
+    greedy_ids = logits.argmax(dim=-1).tolist()  # (S,) one pass for every greedy row
+    tokens: list[int] = []
+    for i, p in enumerate(params):
+        if p.greedy:
+            tokens.append(greedy_ids[i])
+            continue
+        row = apply_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+        probs = row.softmax(-1)
+        tokens.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+    lps: list[TokenLogprob | None] = [None] * len(params)
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if want:
+        logp = torch.log_softmax(logits[want], dim=-1)  # (W, V): the model's own distribution
+        for row, i in enumerate(want):
+            lps[i] = token_logprob(logp[row], tokens[i], params[i].logprobs or 0)
+    return tokens, lps
+
+
+def token_logprob(logp: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    """The chosen token's logprob and the ``top_n`` best alternatives, from a (V,) log-softmax row."""
+    top: dict[int, float] = {}
+    if top_n > 0:
+        vals, ids = torch.topk(logp, top_n)
+        top = dict(zip(ids.tolist(), vals.tolist(), strict=True))
+    return TokenLogprob(token, float(logp[token]), top)

@@ -1,0 +1,60 @@
+"""A request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from qserve.types import SamplingParams, TokenLogprob
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request. ``token_ids`` is prompt + output; the first ``num_computed_tokens`` have KV in the cache.
+
+    Preemption by recompute resets ``num_computed_tokens`` to 0; the tokens themselves are kept, so the
+    request resumes exactly where it was (and a seeded generator is not consumed twice).
+    """
+
+    seq_id: int
+    request_id: str
+    prompt: str | None
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    max_total_tokens: int  # min(prompt + max_tokens, max_model_len)
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    output_text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

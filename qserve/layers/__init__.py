@@ -1,0 +1,1 @@
+"""Model building blocks on top of qserve.kernels."""

@@ -1,0 +1,61 @@
+"""Attention over the paged KV cache, and the metadata that describes a packed batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qserve.kernels.attention import paged_attention_cpu, paged_attention_ref, store_kv
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about one packed batch; built by the ModelRunner, passed explicitly.
+
+    Sequences are ordered decodes first: the first ``num_decodes`` have exactly one query token.
+    Device tensors are for kernels; host lists avoid device syncs in the CPU path's Python loop.
+    """
+
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot of each new token
+    block_tables: torch.Tensor  # (B, max_blocks) int32, padded with 0
+    seq_lens: list[int]  # B: context length of each sequence including this step's tokens
+    query_start_loc: list[int]  # B + 1: row offsets of each sequence's queries in the packed batch
+    num_decodes: int
+    use_reference: bool = False  # tests: run the pure-torch reference instead of the fast path
+
+
+class Attention(nn.Module):
+    """Stores this step's K/V into the layer's cache, then attends over each sequence's whole context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+
+    def forward(
+        self,
+        q: torch.Tensor,  # (T, Hq, D), RoPE applied
+        k: torch.Tensor,  # (T, Hkv, D), RoPE applied
+        v: torch.Tensor,  # (T, Hkv, D)
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        if meta.use_reference:
+            return paged_attention_ref(
+                q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale, self.sliding_window
+            )
+        return paged_attention_cpu(
+            q,
+            kv_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            meta.num_decodes,
+            self.scale,
+            self.sliding_window,
+            new_kv=(k, v),
+        )
