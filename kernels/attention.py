@@ -23,7 +23,9 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous (seq_len, Hkv, D) keys and values of one sequence."""
     _, _, bs, hkv, d = kv_cache.shape
     nblk = (seq_len + bs - 1) // bs
@@ -100,7 +102,9 @@ def paged_attention_cpu(
         bs = kv_cache.shape[2]
         nblk = (max_len + bs - 1) // bs
         kv = kv_cache[:, block_tables[:num_decodes, :nblk].long()]  # (2, B, nblk, bs, Hkv, D)
-        kv = kv.reshape(2, num_decodes, nblk * bs, hkv, d)[:, :, :max_len].transpose(2, 3)  # (2, B, Hkv, L, D)
+        kv = kv.reshape(2, num_decodes, nblk * bs, hkv, d)[:, :, :max_len].transpose(
+            2, 3
+        )  # (2, B, Hkv, L, D)
         kpos = torch.arange(max_len, device=q.device)[None, :]
         mask = kpos < lens[:, None]  # (B, L)
         if sliding_window is not None:

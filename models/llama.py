@@ -34,7 +34,12 @@ FUSED_PROJECTIONS: dict[str, tuple[str, int]] = {
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: QuantSpec | None, dtype: torch.dtype, device: torch.device
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        quant: QuantSpec | None,
+        dtype: torch.dtype,
+        device: torch.device,
     ):
         super().__init__()
         self.q_size, self.kv_size, self.head_dim = cfg.q_size, cfg.kv_size, cfg.head_dim
@@ -79,7 +84,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, quant: QuantSpec | None, dtype: torch.dtype, device: torch.device
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        quant: QuantSpec | None,
+        dtype: torch.dtype,
+        device: torch.device,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -100,7 +110,9 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope, device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, quant, dtype, device) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, rotary, quant, dtype, device) for _ in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 
 

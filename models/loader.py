@@ -33,7 +33,9 @@ def checkpoint_files(path: Path) -> list[Path]:
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise QServeError(f"no safetensors weights in {path} (model.safetensors or model-*.safetensors expected)")
+        raise QServeError(
+            f"no safetensors weights in {path} (model.safetensors or model-*.safetensors expected)"
+        )
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise QServeError(f"missing weight shards in {path}: {', '.join(missing)}")
@@ -48,9 +50,7 @@ def _quant_spec(cfg: ModelConfig):  # type: ignore[no-untyped-def]
     return QuantSpec.from_config(cfg.quantization)
 
 
-def load_model(
-    path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
-) -> nn.Module:
+def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Build the model for ``cfg`` and fill it from the checkpoint at ``path``.
 
     Linear layers (possibly fused: q/k/v -> qkv_proj, gate/up -> gate_up_proj) receive their checkpoint
@@ -102,5 +102,7 @@ def load_model(
 
 def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, name: str) -> None:
     if param.shape != tensor.shape:
-        raise QServeError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+        raise QServeError(
+            f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}"
+        )
     param.data.copy_(tensor)

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
+import torch
 from torch import nn
 
 from qserve.config import SUPPORTED_ARCHITECTURES
 from qserve.errors import UnsupportedModelError
+from qserve.layers.attention import AttentionMetadata
+
+
+class CausalLM(Protocol):
+    """What the engine needs of a model class: a packed-batch forward and logits for chosen rows."""
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 def supported_architectures() -> tuple[str, ...]:

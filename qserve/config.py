@@ -22,8 +22,16 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen3ForCausalLM",
 )
 
-_DTYPES = {"float32": "float32", "float": "float32", "fp32": "float32", "float16": "float16",
-           "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DTYPES = {
+    "float32": "float32",
+    "float": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -36,7 +44,9 @@ def resolve_model_path(model: str | Path) -> Path:
         return MODEL_DIR
     path = Path(model).expanduser()
     if not path.exists():
-        raise QServeError(f"model directory not found: {path} (give a local Hugging Face directory or 'demo')")
+        raise QServeError(
+            f"model directory not found: {path} (give a local Hugging Face directory or 'demo')"
+        )
     if not path.is_dir():
         raise QServeError(f"model must be a directory, got a file: {path}")
     if not (path / "config.json").is_file():
@@ -125,7 +135,9 @@ class ModelConfig:
         head_dim = text.get("head_dim") or hidden // num_heads
         act = text.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
-            raise UnsupportedModelError(f"unsupported hidden_act {act!r}: qserve implements silu (SwiGLU) MLPs")
+            raise UnsupportedModelError(
+                f"unsupported hidden_act {act!r}: qserve implements silu (SwiGLU) MLPs"
+            )
         dtype = canonical_dtype(text.get("torch_dtype") or text.get("dtype") or "float32")
         sliding = text.get("sliding_window")
         if arch.startswith("Qwen") and not text.get("use_sliding_window", False):
@@ -166,7 +178,9 @@ def _parse_rope(text: dict[str, Any]) -> RopeConfig:
     theta = float(merged.get("rope_theta", text.get("rope_theta", 10000.0)))
     rtype = merged.get("rope_type") or merged.get("type") or "default"
     if rtype not in ("default", "linear", "llama3"):
-        raise UnsupportedModelError(f"unsupported rope type {rtype!r}: qserve implements default, linear, llama3")
+        raise UnsupportedModelError(
+            f"unsupported rope type {rtype!r}: qserve implements default, linear, llama3"
+        )
     factor = float(merged.get("factor", 1.0)) if rtype != "default" else 1.0
     if not math.isfinite(factor) or factor <= 0:
         raise QServeError(f"invalid rope scaling factor {factor}")
@@ -177,7 +191,9 @@ def _parse_rope(text: dict[str, Any]) -> RopeConfig:
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
         original_max_position=int(merged.get("original_max_position_embeddings", 8192)),
-        partial_rotary_factor=float(merged.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0))),
+        partial_rotary_factor=float(
+            merged.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0))
+        ),
     )
 
 

@@ -15,7 +15,9 @@ def load_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
-        raise QServeError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        raise QServeError(
+            f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}".splitlines()[0]
+        ) from None
 
 
 class IncrementalDetokenizer:

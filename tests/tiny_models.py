@@ -28,13 +28,20 @@ BASE: dict[str, Any] = dict(
 ARCH_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(
         architectures=["LlamaForCausalLM"],
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=64),
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
         rope_theta=500000.0,
     ),
     "mistral": dict(architectures=["MistralForCausalLM"], num_key_value_heads=1, sliding_window=None),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),
-    "qwen3": dict(architectures=["Qwen3ForCausalLM"], head_dim=32, rope_scaling=dict(rope_type="linear", factor=2.0)),
+    "qwen3": dict(
+        architectures=["Qwen3ForCausalLM"], head_dim=32, rope_scaling=dict(rope_type="linear", factor=2.0)
+    ),
 }
 
 
@@ -59,7 +66,11 @@ def write_byte_tokenizer(out: Path) -> None:
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -71,7 +82,12 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def make_tiny_model(
-    out: Path, arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, shards: int = 1, **overrides: Any
+    out: Path,
+    arch: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    shards: int = 1,
+    **overrides: Any,
 ) -> Path:
     """Write a random tiny model of ``arch`` (llama | mistral | qwen2 | qwen3) as a Hugging Face directory."""
     from transformers import AutoConfig, AutoModelForCausalLM

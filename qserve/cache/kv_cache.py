@@ -13,7 +13,11 @@ import torch
 from qserve.errors import QServeError
 
 # KV dtype name -> bytes per element
-FLOAT_KV_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOAT_KV_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 _ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 KV_CACHE_DTYPES = ("auto", "fp16", "bf16", "fp32")
 
@@ -25,7 +29,9 @@ def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: str) -> str:
         name = model_dtype
     name = _ALIASES.get(name, name)
     if name not in FLOAT_KV_DTYPES:
-        raise QServeError(f"unsupported kv cache dtype {kv_cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
+        raise QServeError(
+            f"unsupported kv cache dtype {kv_cache_dtype!r}; choose from {', '.join(KV_CACHE_DTYPES)}"
+        )
     return name
 
 

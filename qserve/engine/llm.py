@@ -59,7 +59,11 @@ class LLM:
             raise QServeError("generate() needs prompts or prompt_token_ids")
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = [sampling_params] * len(items) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        params = (
+            [sampling_params] * len(items)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
         if len(params) != len(items):
             raise QServeError(f"{len(items)} prompts but {len(params)} sampling params")
         ids: list[str] = []

@@ -49,10 +49,15 @@ class LLMEngine:
         self.dtype_name = cfg.dtype if config.dtype == "auto" else canonical_dtype(config.dtype)
         self.tokenizer = load_tokenizer(path)
         self.model = load_model(path, cfg, torch_dtype(self.dtype_name), self.device)
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, {"float32": "fp32", "float16": "fp16"}.get(
-            self.dtype_name, "bf16"))
-        self.kv_spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, kv_dtype)
+        self.max_model_len = min(
+            config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+        )
+        kv_dtype = resolve_kv_dtype(
+            config.kv_cache_dtype, {"float32": "fp32", "float16": "fp16"}.get(self.dtype_name, "bf16")
+        )
+        self.kv_spec = KVCacheSpec(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, kv_dtype
+        )
         num_blocks = self._num_blocks(config)
         if num_blocks < 1:
             raise QServeError(
@@ -60,11 +65,16 @@ class LLMEngine:
             )
         self.kv = KVCacheManager(num_blocks, config.block_size)
         if self.kv.capacity_tokens < self.max_model_len:
-            logger.warning("max_model_len %d exceeds KV capacity; lowered to %d", self.max_model_len,
-                           self.kv.capacity_tokens)
+            logger.warning(
+                "max_model_len %d exceeds KV capacity; lowered to %d",
+                self.max_model_len,
+                self.kv.capacity_tokens,
+            )
             self.max_model_len = self.kv.capacity_tokens
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_spec.allocate(num_blocks, self.device), self.kv, self.device)
+        self.runner = ModelRunner(
+            self.model, self.kv_spec.allocate(num_blocks, self.device), self.kv, self.device
+        )
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(int(self.tokenizer.eos_token_id))
@@ -123,7 +133,9 @@ class LLMEngine:
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
         self.seqs[request_id] = seq
-        self.detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self.detok[seq.seq_id] = IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, params.skip_special_tokens
+        )
         self.scheduler.add(seq)
         self.stats.prompt_tokens_total += n
         return seq

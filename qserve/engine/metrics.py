@@ -29,11 +29,18 @@ class EngineMetrics:
     steps: deque[tuple[float, dict[str, float]]] = field(default_factory=deque)
 
     def record_step(
-        self, so: SchedulerOutput, runner_seconds: dict[str, float], schedule: float, detokenize: float, total: float
+        self,
+        so: SchedulerOutput,
+        runner_seconds: dict[str, float],
+        schedule: float,
+        detokenize: float,
+        total: float,
     ) -> None:
         now = time.monotonic()
         self.batch_size = len(so.scheduled)
-        self.steps.append((now, {"schedule": schedule, "detokenize": detokenize, "total": total, **runner_seconds}))
+        self.steps.append(
+            (now, {"schedule": schedule, "detokenize": detokenize, "total": total, **runner_seconds})
+        )
         while self.steps and self.steps[0][0] < now - WINDOW_SECONDS:
             self.steps.popleft()
 

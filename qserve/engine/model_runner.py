@@ -6,12 +6,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from qserve.cache.kv_cache_manager import KVCacheManager
 from qserve.engine.sampler import sample, token_logprob
 from qserve.engine.scheduler import SchedulerOutput
 from qserve.layers.attention import AttentionMetadata
+from qserve.models.registry import CausalLM
 from qserve.types import TokenLogprob
 
 
@@ -26,7 +26,9 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], kv: KVCacheManager, device: torch.device):
+    def __init__(
+        self, model: CausalLM, kv_caches: list[torch.Tensor], kv: KVCacheManager, device: torch.device
+    ):
         self.model = model
         self.kv_caches = kv_caches
         self.kv = kv
@@ -34,7 +36,9 @@ class ModelRunner:
         self.device = device
         self.use_reference_attention = False
 
-    def _prepare(self, so: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _prepare(
+        self, so: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

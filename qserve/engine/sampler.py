@@ -38,8 +38,8 @@ def sample(
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:
         logp = torch.log_softmax(logits[want], dim=-1)  # (W, V): the model's own distribution
-        for row, i in enumerate(want):
-            lps[i] = token_logprob(logp[row], tokens[i], params[i].logprobs or 0)
+        for r, i in enumerate(want):
+            lps[i] = token_logprob(logp[r], tokens[i], params[i].logprobs or 0)
     return tokens, lps
 
 

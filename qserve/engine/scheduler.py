@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from qserve.cache.kv_cache_manager import KVCacheManager
-from qserve.engine.sequence import Sequence, SeqStatus
+from qserve.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass

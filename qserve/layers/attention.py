@@ -46,7 +46,13 @@ class Attention(nn.Module):
         store_kv(k, v, kv_cache, meta.slot_mapping)
         if meta.use_reference:
             return paged_attention_ref(
-                q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale, self.sliding_window
+                q,
+                kv_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.query_start_loc,
+                self.scale,
+                self.sliding_window,
             )
         return paged_attention_cpu(
             q,

@@ -7,7 +7,9 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None, device: torch.device | None = None):
+    def __init__(
+        self, dim: int, eps: float, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)

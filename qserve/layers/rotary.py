@@ -33,7 +33,12 @@ def rope_inv_freq(rope: RopeConfig, rot_dim: int) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to packed (T, H, D) queries and keys at explicit positions."""
 
-    def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig, device: torch.device | None = None):
+    cos: torch.Tensor  # (max_positions, rot_dim) float32
+    sin: torch.Tensor
+
+    def __init__(
+        self, head_dim: int, max_positions: int, rope: RopeConfig, device: torch.device | None = None
+    ):
         super().__init__()
         self.rot_dim = int(head_dim * rope.partial_rotary_factor)
         inv_freq = rope_inv_freq(rope, self.rot_dim).to(device)
@@ -42,7 +47,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos[positions].to(q.dtype)[:, None, :]  # (T, 1, rot)
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return _apply(q, cos, sin, self.rot_dim), _apply(k, cos, sin, self.rot_dim)
