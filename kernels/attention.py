@@ -1,8 +1,9 @@
 """Paged attention over a floating-point KV cache: the pure-torch reference and the CPU path.
 
-Cache layout, one tensor per layer: ``kv_cache`` of shape (2, num_blocks, block_size, num_kv_heads, head_dim),
+Cache layout, one tensor per layer: ``kv_cache`` of shape (2, num_kv_heads, num_blocks, block_size, head_dim),
 index 0 holding keys and 1 values. Token ``t`` of a sequence lives in slot
-``block_table[t // block_size] * block_size + t % block_size``.
+``block_table[t // block_size] * block_size + t % block_size`` of every head. Heads lead so that gathering
+a sequence's blocks yields (Hkv, L, D) views that matmul reads without another copy.
 
 Queries arrive packed (no padding): sequence ``i`` owns rows ``query_start_loc[i]:query_start_loc[i+1]`` of
 ``q`` and its queries sit at the last ``query_len`` positions of its ``seq_len`` tokens of context. So one call
@@ -17,21 +18,23 @@ import torch.nn.functional as F
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter new keys/values (T, Hkv, D) into their slots. slot_mapping: (T,) int64."""
-    _, nb, bs, hkv, d = kv_cache.shape
-    flat = kv_cache.view(2, nb * bs, hkv, d)  # (2, slots, Hkv, D)
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    _, hkv, nb, bs, d = kv_cache.shape
+    flat = kv_cache.view(2, hkv, nb * bs, d)  # (2, Hkv, slots, D)
+    flat[0].index_copy_(1, slot_mapping, k.transpose(0, 1).to(kv_cache.dtype))
+    flat[1].index_copy_(1, slot_mapping, v.transpose(0, 1).to(kv_cache.dtype))
 
 
-def gather_kv(
-    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous (seq_len, Hkv, D) keys and values of one sequence."""
-    _, _, bs, hkv, d = kv_cache.shape
-    nblk = (seq_len + bs - 1) // bs
-    kv = kv_cache[:, block_table[:nblk].long()]  # (2, nblk, bs, Hkv, D)
-    kv = kv.reshape(2, nblk * bs, hkv, d)[:, :seq_len]
-    return kv[0], kv[1]
+def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Keys and values of sequences sharing a block-table width: (2, Hkv, B, seq_len, D).
+
+    block_tables: (B, nblk) with nblk * block_size >= seq_len; positions past a sequence's own length
+    hold stale data and must be masked by the caller.
+    """
+    _, hkv, nb, bs, d = kv_cache.shape
+    b, nblk = block_tables.shape
+    flat = kv_cache.view(2 * hkv, nb, bs * d)
+    kv = flat.index_select(1, block_tables.reshape(-1).long())  # (2 Hkv, B nblk, bs D): one copy
+    return kv.view(2, hkv, b, nblk * bs, d)[:, :, :, :seq_len]
 
 
 def _causal_mask(q_len: int, seq_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
@@ -43,6 +46,10 @@ def _causal_mask(q_len: int, seq_len: int, sliding_window: int | None, device: t
     if sliding_window is not None:
         mask &= kpos > qpos - sliding_window
     return mask  # (q_len, seq_len) bool, True = attend
+
+
+def _blocks_for(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    return block_table[: (seq_len + block_size - 1) // block_size][None]  # (1, nblk)
 
 
 def paged_attention_ref(
@@ -60,19 +67,51 @@ def paged_attention_ref(
     Returns (T, Hq, D) in q's dtype.
     """
     out = torch.empty_like(q)
-    hq = q.shape[1]
+    hq, bs = q.shape[1], kv_cache.shape[3]
     for i, seq_len in enumerate(seq_lens):
         s, e = query_start_loc[i], query_start_loc[i + 1]
-        k, v = gather_kv(kv_cache, block_tables[i], seq_len)  # (L, Hkv, D)
-        group = hq // k.shape[1]
-        k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, L, D)
-        v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)  # (Hq, L, D)
+        kv = gather_kv(kv_cache, _blocks_for(block_tables[i], seq_len, bs), seq_len)[
+            :, :, 0
+        ]  # (2, Hkv, L, D)
+        group = hq // kv.shape[1]
+        k = kv[0].float().repeat_interleave(group, dim=0)  # (Hq, L, D)
+        v = kv[1].float().repeat_interleave(group, dim=0)  # (Hq, L, D)
         qi = q[s:e].float().transpose(0, 1)  # (Hq, q_len, D)
         scores = (qi @ k.transpose(1, 2)) * scale  # (Hq, q_len, L)
         mask = _causal_mask(e - s, seq_len, sliding_window, q.device)
         scores = scores.masked_fill(~mask, float("-inf"))
         out[s:e] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
     return out
+
+
+def decode_attention_cpu(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence, all sequences in one batched matmul pair. q: (B, Hq, D) -> (B, Hq, D).
+
+    The query heads of a KV group ride along the query axis, so GQA needs no K/V repeat.
+    """
+    b, hq, d = q.shape
+    hkv, bs = kv_cache.shape[1], kv_cache.shape[3]
+    group = hq // hkv
+    max_len = max(seq_lens)
+    kv = gather_kv(kv_cache, block_tables[:, : (max_len + bs - 1) // bs], max_len)  # (2, Hkv, B, L, D)
+    qh = q.view(b, hkv, group, d).transpose(0, 1)  # (Hkv, B, G, D)
+    scores = torch.matmul(qh, kv[0].transpose(-1, -2)).float()  # (Hkv, B, G, L)
+    lens = torch.tensor(seq_lens, device=q.device)[:, None]  # (B, 1)
+    kpos = torch.arange(max_len, device=q.device)[None, :]  # (1, L)
+    masked = kpos >= lens
+    if sliding_window is not None:
+        masked |= kpos < lens - sliding_window
+    scores.mul_(scale).masked_fill_(masked[None, :, None, :], float("-inf"))
+    probs = scores.softmax(-1).to(kv.dtype)
+    out = torch.matmul(probs, kv[1])  # (Hkv, B, G, D)
+    return out.transpose(0, 1).reshape(b, hq, d).to(q.dtype)
 
 
 def paged_attention_cpu(
@@ -88,43 +127,36 @@ def paged_attention_cpu(
 ) -> torch.Tensor:
     """The same contract as `paged_attention_ref`, organised for speed on CPU.
 
-    The first ``num_decodes`` sequences have query_len 1 and run as one padded SDPA call, with the query
-    heads of a KV group stacked along the query axis (no K/V repeat for GQA). The rest run one SDPA each;
-    a prefill with no earlier context reads the fresh ``new_kv`` (T, Hkv, D) instead of gathering.
+    The first ``num_decodes`` sequences have query_len 1 and run batched (`decode_attention_cpu`). The rest
+    run one SDPA each; a prefill with no earlier context reads the fresh ``new_kv`` (T, Hkv, D) instead of
+    gathering from the cache.
     """
-    t, hq, d = q.shape
-    hkv = kv_cache.shape[3]
-    group = hq // hkv
+    hq, bs = q.shape[1], kv_cache.shape[3]
+    group = hq // kv_cache.shape[1]
     out = torch.empty_like(q)
     if num_decodes:
-        lens = torch.tensor(seq_lens[:num_decodes], device=q.device)
-        max_len = int(max(seq_lens[:num_decodes]))
-        bs = kv_cache.shape[2]
-        nblk = (max_len + bs - 1) // bs
-        kv = kv_cache[:, block_tables[:num_decodes, :nblk].long()]  # (2, B, nblk, bs, Hkv, D)
-        kv = kv.reshape(2, num_decodes, nblk * bs, hkv, d)[:, :, :max_len].transpose(
-            2, 3
-        )  # (2, B, Hkv, L, D)
-        kpos = torch.arange(max_len, device=q.device)[None, :]
-        mask = kpos < lens[:, None]  # (B, L)
-        if sliding_window is not None:
-            mask &= kpos >= (lens[:, None] - sliding_window)
-        qd = q[:num_decodes].view(num_decodes, hkv, group, d)  # (B, Hkv, G, D): heads of a group as queries
-        o = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=mask[:, None, None, :], scale=scale)
-        out[:num_decodes] = o.reshape(num_decodes, hq, d)
+        out[:num_decodes] = decode_attention_cpu(
+            q[:num_decodes],
+            kv_cache,
+            block_tables[:num_decodes],
+            seq_lens[:num_decodes],
+            scale,
+            sliding_window,
+        )
     for i in range(num_decodes, len(seq_lens)):
         s, e = query_start_loc[i], query_start_loc[i + 1]
         q_len, seq_len = e - s, seq_lens[i]
         if new_kv is not None and q_len == seq_len:
-            k, v = new_kv[0][s:e], new_kv[1][s:e]  # whole context is in this batch
+            k, v = new_kv[0][s:e].transpose(0, 1), new_kv[1][s:e].transpose(0, 1)  # (Hkv, L, D), all fresh
         else:
-            k, v = gather_kv(kv_cache, block_tables[i], seq_len)
+            kv = gather_kv(kv_cache, _blocks_for(block_tables[i], seq_len, bs), seq_len)[:, :, 0]
+            k, v = kv[0], kv[1]  # (Hkv, L, D)
         qi = q[s:e].transpose(0, 1)  # (Hq, q_len, D)
-        ki, vi = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)  # (Hkv, L, D)
+        k, v = k.to(q.dtype), v.to(q.dtype)
         if q_len == seq_len and sliding_window is None:
-            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=group > 1)
+            o = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
         else:
             mask = _causal_mask(q_len, seq_len, sliding_window, q.device)
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
         out[s:e] = o.transpose(0, 1)
     return out

@@ -64,6 +64,6 @@ class KVCacheSpec:
         return budget_bytes // self.bytes_per_block
 
     def allocate(self, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
-        """One (2, num_blocks, block_size, Hkv, D) tensor per layer."""
-        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        """One (2, Hkv, num_blocks, block_size, D) tensor per layer (layout: qserve.kernels.attention)."""
+        shape = (2, self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
         return [torch.zeros(shape, dtype=self.torch_dtype, device=device) for _ in range(self.num_layers)]

@@ -15,7 +15,7 @@ def build(
     """A cache holding each sequence's keys/values in shuffled blocks, and packed queries."""
     g = torch.Generator().manual_seed(seed)
     nblocks = sum(-(-n // bs) for n in seq_lens) + 3
-    cache = torch.randn(2, nblocks, bs, hkv, d, generator=g)
+    cache = torch.randn(2, hkv, nblocks, bs, d, generator=g)
     perm = torch.randperm(nblocks, generator=g).tolist()
     width = max(-(-n // bs) for n in seq_lens)
     tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
@@ -41,7 +41,8 @@ def test_cpu_path_matches_reference(bs: int, hq: int, hkv: int, d: int) -> None:
     k_new = torch.zeros(qsl[-1], hkv, d)
     v_new = torch.zeros(qsl[-1], hkv, d)
     for i in (3, 5):
-        k_new[qsl[i] : qsl[i + 1]], v_new[qsl[i] : qsl[i + 1]] = gather_kv(cache, tables[i], seq_lens[i])
+        kv = gather_kv(cache, tables[i : i + 1], seq_lens[i])[:, :, 0].transpose(1, 2)  # (2, L, Hkv, D)
+        k_new[qsl[i] : qsl[i + 1]], v_new[qsl[i] : qsl[i + 1]] = kv[0], kv[1]
     scale = d**-0.5
     ref = paged_attention_ref(q, cache, tables, seq_lens, qsl, scale)
     out = paged_attention_cpu(q, cache, tables, seq_lens, qsl, 3, scale, new_kv=(k_new, v_new))
@@ -60,11 +61,11 @@ def test_sliding_window(window: int) -> None:
 def test_reference_equals_dense_causal_attention() -> None:
     seq_len, hq, hkv, d, bs = 23, 4, 2, 8, 4
     q, cache, tables, qsl = build([seq_len], [seq_len], hq, hkv, d, bs)
-    k, v = gather_kv(cache, tables[0], seq_len)  # (L, Hkv, D)
+    k, v = gather_kv(cache, tables[:1], seq_len)[:, :, 0]  # (Hkv, L, D) each
     dense = F.scaled_dot_product_attention(
         q.transpose(0, 1),
-        k.transpose(0, 1).repeat_interleave(2, 0),
-        v.transpose(0, 1).repeat_interleave(2, 0),
+        k.repeat_interleave(2, 0),
+        v.repeat_interleave(2, 0),
         is_causal=True,
     ).transpose(0, 1)
     ref = paged_attention_ref(q, cache, tables, [seq_len], qsl, d**-0.5)
@@ -72,11 +73,11 @@ def test_reference_equals_dense_causal_attention() -> None:
 
 
 def test_store_kv_writes_exact_slots() -> None:
-    cache = torch.zeros(2, 4, 2, 1, 3)  # 4 blocks of 2 slots
+    cache = torch.zeros(2, 1, 4, 2, 3)  # 1 head, 4 blocks of 2 slots
     k = torch.arange(1.0, 10.0).view(3, 1, 3)
     v = -k
     store_kv(k, v, cache, torch.tensor([5, 0, 7]))
-    flat = cache.view(2, 8, 1, 3)
+    flat = cache.view(2, 8, 1, 3)  # one head: (2, slots, 1, D)
     assert flat[0, 5].tolist() == [[1.0, 2.0, 3.0]]
     assert flat[0, 0].tolist() == [[4.0, 5.0, 6.0]]
     assert flat[1, 7].tolist() == [[-7.0, -8.0, -9.0]]
