@@ -12,24 +12,57 @@ covers decode (query_len 1), prefill (query_len == seq_len) and chunked prefill 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from qserve.kernels.kv_quant import gather_kv_quant, store_kv_quant
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter new keys/values (T, Hkv, D) into their slots. slot_mapping: (T,) int64."""
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How a layer's cache tensor is laid out: float (bits 0) or int8/int4 blocks (qserve.kernels.kv_quant)."""
+
+    block_size: int
+    head_dim: int
+    bits: int = 0
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    layout: KVLayout | None = None,
+) -> None:
+    """Scatter new keys/values (T, Hkv, D) into their slots (quantizing for int8/int4). slot_mapping: (T,) int64."""
+    if layout is not None and layout.bits:
+        store_kv_quant(k, v, kv_cache, slot_mapping, layout.block_size, layout.bits)
+        return
     _, hkv, nb, bs, d = kv_cache.shape
     flat = kv_cache.view(2, hkv, nb * bs, d)  # (2, Hkv, slots, D)
     flat[0].index_copy_(1, slot_mapping, k.transpose(0, 1).to(kv_cache.dtype))
     flat[1].index_copy_(1, slot_mapping, v.transpose(0, 1).to(kv_cache.dtype))
 
 
-def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_len: int) -> torch.Tensor:
+def gather_kv(
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_len: int,
+    layout: KVLayout | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Keys and values of sequences sharing a block-table width: (2, Hkv, B, seq_len, D).
 
     block_tables: (B, nblk) with nblk * block_size >= seq_len; positions past a sequence's own length
-    hold stale data and must be masked by the caller.
+    hold stale data and must be masked by the caller. Quantized caches come back dequantized to ``dtype``.
     """
+    if layout is not None and layout.bits:
+        assert dtype is not None
+        return gather_kv_quant(
+            kv_cache, block_tables, seq_len, layout.block_size, layout.head_dim, layout.bits, dtype
+        )
     _, hkv, nb, bs, d = kv_cache.shape
     b, nblk = block_tables.shape
     flat = kv_cache.view(2 * hkv, nb, bs * d)
@@ -59,6 +92,7 @@ def paged_attention_ref(
     seq_lens: list[int],
     query_start_loc: list[int],
     scale: float,
+    layout: KVLayout,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Reference: out[i] = softmax(q_i K_i^T * scale + causal mask) V_i, per sequence, in float32.
@@ -67,15 +101,14 @@ def paged_attention_ref(
     Returns (T, Hq, D) in q's dtype.
     """
     out = torch.empty_like(q)
-    hq, bs = q.shape[1], kv_cache.shape[3]
+    hq, bs = q.shape[1], layout.block_size
     for i, seq_len in enumerate(seq_lens):
         s, e = query_start_loc[i], query_start_loc[i + 1]
-        kv = gather_kv(kv_cache, _blocks_for(block_tables[i], seq_len, bs), seq_len)[
-            :, :, 0
-        ]  # (2, Hkv, L, D)
+        table = _blocks_for(block_tables[i], seq_len, bs)
+        kv = gather_kv(kv_cache, table, seq_len, layout, torch.float32)[:, :, 0].float()  # (2, Hkv, L, D)
         group = hq // kv.shape[1]
-        k = kv[0].float().repeat_interleave(group, dim=0)  # (Hq, L, D)
-        v = kv[1].float().repeat_interleave(group, dim=0)  # (Hq, L, D)
+        k = kv[0].repeat_interleave(group, dim=0)  # (Hq, L, D)
+        v = kv[1].repeat_interleave(group, dim=0)  # (Hq, L, D)
         qi = q[s:e].float().transpose(0, 1)  # (Hq, q_len, D)
         scores = (qi @ k.transpose(1, 2)) * scale  # (Hq, q_len, L)
         mask = _causal_mask(e - s, seq_len, sliding_window, q.device)
@@ -90,6 +123,7 @@ def decode_attention_cpu(
     block_tables: torch.Tensor,
     seq_lens: list[int],
     scale: float,
+    layout: KVLayout,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence, all sequences in one batched matmul pair. q: (B, Hq, D) -> (B, Hq, D).
@@ -97,10 +131,11 @@ def decode_attention_cpu(
     The query heads of a KV group ride along the query axis, so GQA needs no K/V repeat.
     """
     b, hq, d = q.shape
-    hkv, bs = kv_cache.shape[1], kv_cache.shape[3]
+    hkv, bs = kv_cache.shape[1], layout.block_size
     group = hq // hkv
     max_len = max(seq_lens)
-    kv = gather_kv(kv_cache, block_tables[:, : (max_len + bs - 1) // bs], max_len)  # (2, Hkv, B, L, D)
+    tables = block_tables[:, : (max_len + bs - 1) // bs]
+    kv = gather_kv(kv_cache, tables, max_len, layout, q.dtype).to(q.dtype)  # (2, Hkv, B, L, D)
     qh = q.view(b, hkv, group, d).transpose(0, 1)  # (Hkv, B, G, D)
     scores = torch.matmul(qh, kv[0].transpose(-1, -2)).float()  # (Hkv, B, G, L)
     lens = torch.tensor(seq_lens, device=q.device)[:, None]  # (B, 1)
@@ -109,9 +144,9 @@ def decode_attention_cpu(
     if sliding_window is not None:
         masked |= kpos < lens - sliding_window
     scores.mul_(scale).masked_fill_(masked[None, :, None, :], float("-inf"))
-    probs = scores.softmax(-1).to(kv.dtype)
+    probs = scores.softmax(-1).to(q.dtype)
     out = torch.matmul(probs, kv[1])  # (Hkv, B, G, D)
-    return out.transpose(0, 1).reshape(b, hq, d).to(q.dtype)
+    return out.transpose(0, 1).reshape(b, hq, d)
 
 
 def paged_attention_cpu(
@@ -122,6 +157,7 @@ def paged_attention_cpu(
     query_start_loc: list[int],
     num_decodes: int,
     scale: float,
+    layout: KVLayout,
     sliding_window: int | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -129,9 +165,10 @@ def paged_attention_cpu(
 
     The first ``num_decodes`` sequences have query_len 1 and run batched (`decode_attention_cpu`). The rest
     run one SDPA each; a prefill with no earlier context reads the fresh ``new_kv`` (T, Hkv, D) instead of
-    gathering from the cache.
+    gathering from the cache, when the cache stores exactly those values (same dtype: not for int8/int4 or a
+    cast, where reading back is what makes a prefix computed now equal to one reused later).
     """
-    hq, bs = q.shape[1], kv_cache.shape[3]
+    hq, bs = q.shape[1], layout.block_size
     group = hq // kv_cache.shape[1]
     out = torch.empty_like(q)
     if num_decodes:
@@ -141,15 +178,17 @@ def paged_attention_cpu(
             block_tables[:num_decodes],
             seq_lens[:num_decodes],
             scale,
+            layout,
             sliding_window,
         )
     for i in range(num_decodes, len(seq_lens)):
         s, e = query_start_loc[i], query_start_loc[i + 1]
         q_len, seq_len = e - s, seq_lens[i]
-        if new_kv is not None and q_len == seq_len:
+        if new_kv is not None and q_len == seq_len and kv_cache.dtype == q.dtype:
             k, v = new_kv[0][s:e].transpose(0, 1), new_kv[1][s:e].transpose(0, 1)  # (Hkv, L, D), all fresh
         else:
-            kv = gather_kv(kv_cache, _blocks_for(block_tables[i], seq_len, bs), seq_len)[:, :, 0]
+            table = _blocks_for(block_tables[i], seq_len, bs)
+            kv = gather_kv(kv_cache, table, seq_len, layout, q.dtype)[:, :, 0]
             k, v = kv[0], kv[1]  # (Hkv, L, D)
         qi = q[s:e].transpose(0, 1)  # (Hq, q_len, D)
         k, v = k.to(q.dtype), v.to(q.dtype)

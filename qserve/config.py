@@ -211,3 +211,4 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget; longer prompts are prefilled in chunks
     block_size: int = 16  # tokens per KV block
     seed: int = 0  # for requests without their own seed
+    enable_prefix_caching: bool = True  # share KV blocks of identical prompt prefixes across requests

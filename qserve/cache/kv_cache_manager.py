@@ -1,4 +1,4 @@
-"""Maps sequences to their blocks: grows block tables as tokens arrive, frees them when done."""
+"""Maps sequences to their blocks: grows block tables, shares cached prefixes, frees blocks when done."""
 
 from __future__ import annotations
 
@@ -10,16 +10,28 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    """Owns one block table (a list of block ids) per sequence id.
+    """Owns one block table (a list of block ids) per sequence id, and the prefix cache.
 
     ``allocate_slots(seq_id, num_tokens)`` makes the table hold ``num_tokens`` tokens in total; it is
     all-or-nothing, so a failed call leaves the pool and the table unchanged.
+
+    Prefix caching: a full block is named by a chained hash of its tokens, the hashes of all blocks before
+    it, and ``cache_salt`` (the KV dtype: int4 blocks never stand in for fp16 ones). ``match_prefix`` gives a
+    new sequence the longest run of cached blocks for its tokens; ``cache_full_blocks`` publishes blocks once
+    their KV has been computed. Shared blocks are full, so nobody writes into them again.
     """
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, cache_salt: str = ""
+    ):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.block_tables: dict[int, list[int]] = {}
+        self.enable_prefix_caching = enable_prefix_caching
+        self._root = hash(("qserve-kv", cache_salt))
+        self.seq_hashes: dict[int, list[int]] = {}  # hashes of each sequence's full blocks, in order
+        self.prefix_queries = 0  # tokens looked up
+        self.prefix_hits = 0  # tokens found cached
 
     @property
     def capacity_tokens(self) -> int:
@@ -27,6 +39,47 @@ class KVCacheManager:
 
     def usage(self) -> float:
         return self.pool.usage()
+
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def _hashes(self, seq_id: int, token_ids: list[int], num_full: int) -> list[int]:
+        hashes = self.seq_hashes.setdefault(seq_id, [])
+        bs = self.block_size
+        while len(hashes) < num_full:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else self._root
+            hashes.append(hash((parent, tuple(token_ids[i * bs : (i + 1) * bs]))))
+        return hashes[:num_full]
+
+    def match_prefix(self, seq_id: int, token_ids: list[int]) -> int:
+        """Attach the longest cached prefix to a sequence with no blocks yet; returns its length in tokens.
+
+        At least one token is always left uncached, so the step that follows has a position to sample from.
+        """
+        if not self.enable_prefix_caching:
+            return 0
+        assert not self.block_tables.get(seq_id), "match_prefix on a sequence that already has blocks"
+        hits: list[int] = []
+        for h in self._hashes(seq_id, token_ids, (len(token_ids) - 1) // self.block_size):
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hits.append(b)
+        self.pool.touch(hits)
+        self.block_tables[seq_id] = hits
+        self.prefix_queries += len(token_ids)
+        self.prefix_hits += len(hits) * self.block_size
+        return len(hits) * self.block_size
+
+    def cache_full_blocks(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
+        """Publish the sequence's blocks whose ``block_size`` tokens all have KV computed."""
+        if not self.enable_prefix_caching:
+            return
+        table = self.block_tables.get(seq_id, [])
+        num_full = min(num_computed // self.block_size, len(table))
+        for b, h in zip(table[:num_full], self._hashes(seq_id, token_ids, num_full), strict=True):
+            self.pool.cache(b, h)
 
     def num_blocks_needed(self, seq_id: int, num_tokens: int) -> int:
         have = len(self.block_tables.get(seq_id, ()))
@@ -50,4 +103,5 @@ class KVCacheManager:
     def free(self, seq_id: int) -> None:
         """Release all of a sequence's blocks, tail first (so its head blocks stay cached longest)."""
         table = self.block_tables.pop(seq_id, [])
+        self.seq_hashes.pop(seq_id, None)
         self.pool.free(table[::-1])

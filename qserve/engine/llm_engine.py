@@ -17,7 +17,9 @@ from qserve.engine.model_runner import ModelRunner
 from qserve.engine.scheduler import Scheduler
 from qserve.engine.sequence import Sequence
 from qserve.errors import QServeError
+from qserve.kernels.attention import KVLayout
 from qserve.models.loader import load_model, torch_dtype
+from qserve.planner import engine_kv_blocks
 from qserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 from qserve.types import RequestOutput, SamplingParams
 
@@ -63,7 +65,9 @@ class LLMEngine:
             raise QServeError(
                 f"kv cache memory {config.kv_cache_memory} B is below one block ({self.kv_spec.bytes_per_block} B)"
             )
-        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.kv = KVCacheManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, cache_salt=self.kv_spec.dtype
+        )
         if self.kv.capacity_tokens < self.max_model_len:
             logger.warning(
                 "max_model_len %d exceeds KV capacity; lowered to %d",
@@ -72,9 +76,9 @@ class LLMEngine:
             )
             self.max_model_len = self.kv.capacity_tokens
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(
-            self.model, self.kv_spec.allocate(num_blocks, self.device), self.kv, self.device
-        )
+        layout = KVLayout(config.block_size, cfg.head_dim, self.kv_spec.quant_bits)
+        caches = self.kv_spec.allocate(num_blocks, self.device)
+        self.runner = ModelRunner(self.model, caches, self.kv, layout, self.device)
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(int(self.tokenizer.eos_token_id))
@@ -85,15 +89,12 @@ class LLMEngine:
         self.stats = EngineMetrics()
 
     def _num_blocks(self, config: EngineConfig) -> int:
-        if config.kv_cache_memory is not None:
-            return self.kv_spec.num_blocks(config.kv_cache_memory)
-        want = config.max_num_seqs * self.max_model_len * self.kv_spec.bytes_per_token
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * 0.9) - (1 << 30)  # leave room for activations
-        else:
-            budget = DEFAULT_CPU_KV_CAP
-        return self.kv_spec.num_blocks(max(min(want, budget), self.kv_spec.bytes_per_block))
+        """KV pool size, by the planner's formulas (``qserve plan`` prints the same numbers)."""
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        act_bytes = torch_dtype(self.dtype_name).itemsize
+        return engine_kv_blocks(
+            self.kv_spec, self.model_config, config, self.max_model_len, act_bytes, free, DEFAULT_CPU_KV_CAP
+        )
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -164,6 +165,7 @@ class LLMEngine:
         for s in so.scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if seq.prompt_logprobs is not None and seq.seq_id in ro.prompt_logprobs:
                 seq.prompt_logprobs.extend(ro.prompt_logprobs[seq.seq_id])
             if seq.seq_id not in ro.sampled:
@@ -227,6 +229,7 @@ class LLMEngine:
             delta_token_ids=delta_ids,
             logprobs=seq.logprobs,
             prompt_logprobs=seq.prompt_logprobs,
+            num_cached_tokens=seq.num_cached_tokens,
         )
 
     def metrics(self) -> dict[str, Any]:

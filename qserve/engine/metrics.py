@@ -90,4 +90,5 @@ class EngineMetrics:
             "device_busy_ratio": self.device_busy_ratio(),
             "step_seconds": self.step_seconds(),
             "admission_headroom_sequences": headroom,
+            "prefix_cache_hit_rate": kv.prefix_hit_rate(),
         }

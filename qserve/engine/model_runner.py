@@ -10,6 +10,7 @@ import torch
 from qserve.cache.kv_cache_manager import KVCacheManager
 from qserve.engine.sampler import sample, token_logprob
 from qserve.engine.scheduler import SchedulerOutput
+from qserve.kernels.attention import KVLayout
 from qserve.layers.attention import AttentionMetadata
 from qserve.models.registry import CausalLM
 from qserve.types import TokenLogprob
@@ -27,11 +28,17 @@ class ModelRunnerOutput:
 
 class ModelRunner:
     def __init__(
-        self, model: CausalLM, kv_caches: list[torch.Tensor], kv: KVCacheManager, device: torch.device
+        self,
+        model: CausalLM,
+        kv_caches: list[torch.Tensor],
+        kv: KVCacheManager,
+        kv_layout: KVLayout,
+        device: torch.device,
     ):
         self.model = model
         self.kv_caches = kv_caches
         self.kv = kv
+        self.kv_layout = kv_layout
         self.block_size = kv.block_size
         self.device = device
         self.use_reference_attention = False
@@ -70,6 +77,7 @@ class ModelRunner:
             seq_lens=seq_lens,
             query_start_loc=qsl,
             num_decodes=num_decodes,
+            kv_layout=self.kv_layout,
             use_reference=self.use_reference_attention,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)

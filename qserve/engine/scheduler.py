@@ -78,8 +78,15 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
+            # fresh or preempted: reuse whatever prefix is cached (not when prompt logprobs need every position)
+            if seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None:
+                seq.num_computed_tokens = seq.num_cached_tokens = self.kv.match_prefix(
+                    seq.seq_id, seq.token_ids
+                )
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self.kv.allocate_slots(seq.seq_id, seq.num_computed_tokens + n) is None:
+                self.kv.free(seq.seq_id)  # give the prefix hits back; try again next step
+                seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING

@@ -35,6 +35,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     output_text: str = ""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qserve.kernels.attention import paged_attention_cpu, paged_attention_ref, store_kv
+from qserve.kernels.attention import KVLayout, paged_attention_cpu, paged_attention_ref, store_kv
 
 
 @dataclass
@@ -23,6 +23,7 @@ class AttentionMetadata:
     seq_lens: list[int]  # B: context length of each sequence including this step's tokens
     query_start_loc: list[int]  # B + 1: row offsets of each sequence's queries in the packed batch
     num_decodes: int
+    kv_layout: KVLayout
     use_reference: bool = False  # tests: run the pure-torch reference instead of the fast path
 
 
@@ -43,7 +44,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        store_kv(k, v, kv_cache, meta.slot_mapping)
+        store_kv(k, v, kv_cache, meta.slot_mapping, meta.kv_layout)
         if meta.use_reference:
             return paged_attention_ref(
                 q,
@@ -52,6 +53,7 @@ class Attention(nn.Module):
                 meta.seq_lens,
                 meta.query_start_loc,
                 self.scale,
+                meta.kv_layout,
                 self.sliding_window,
             )
         return paged_attention_cpu(
@@ -62,6 +64,7 @@ class Attention(nn.Module):
             meta.query_start_loc,
             meta.num_decodes,
             self.scale,
+            meta.kv_layout,
             self.sliding_window,
             new_kv=(k, v),
         )

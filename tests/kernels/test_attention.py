@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qserve.kernels.attention import gather_kv, paged_attention_cpu, paged_attention_ref, store_kv
+from qserve.kernels.attention import KVLayout, gather_kv, paged_attention_cpu, paged_attention_ref, store_kv
 
 
 def build(
@@ -44,8 +44,10 @@ def test_cpu_path_matches_reference(bs: int, hq: int, hkv: int, d: int) -> None:
         kv = gather_kv(cache, tables[i : i + 1], seq_lens[i])[:, :, 0].transpose(1, 2)  # (2, L, Hkv, D)
         k_new[qsl[i] : qsl[i + 1]], v_new[qsl[i] : qsl[i + 1]] = kv[0], kv[1]
     scale = d**-0.5
-    ref = paged_attention_ref(q, cache, tables, seq_lens, qsl, scale)
-    out = paged_attention_cpu(q, cache, tables, seq_lens, qsl, 3, scale, new_kv=(k_new, v_new))
+    ref = paged_attention_ref(q, cache, tables, seq_lens, qsl, scale, KVLayout(bs, d))
+    out = paged_attention_cpu(
+        q, cache, tables, seq_lens, qsl, 3, scale, KVLayout(bs, d), new_kv=(k_new, v_new)
+    )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -53,8 +55,10 @@ def test_cpu_path_matches_reference(bs: int, hq: int, hkv: int, d: int) -> None:
 def test_sliding_window(window: int) -> None:
     seq_lens, query_lens = [12, 30, 30], [1, 30, 7]
     q, cache, tables, qsl = build(seq_lens, query_lens, 4, 2, 16, 4)
-    ref = paged_attention_ref(q, cache, tables, seq_lens, qsl, 0.25, sliding_window=window)
-    out = paged_attention_cpu(q, cache, tables, seq_lens, qsl, 1, 0.25, sliding_window=window)
+    ref = paged_attention_ref(q, cache, tables, seq_lens, qsl, 0.25, KVLayout(4, 16), sliding_window=window)
+    out = paged_attention_cpu(
+        q, cache, tables, seq_lens, qsl, 1, 0.25, KVLayout(4, 16), sliding_window=window
+    )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -68,7 +72,7 @@ def test_reference_equals_dense_causal_attention() -> None:
         v.repeat_interleave(2, 0),
         is_causal=True,
     ).transpose(0, 1)
-    ref = paged_attention_ref(q, cache, tables, [seq_len], qsl, d**-0.5)
+    ref = paged_attention_ref(q, cache, tables, [seq_len], qsl, d**-0.5, KVLayout(bs, d))
     torch.testing.assert_close(ref, dense, atol=1e-5, rtol=1e-5)
 
 

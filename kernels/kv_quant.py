@@ -1,0 +1,102 @@
+"""Quantized KV cache (int8 / int4): the block format, quantize-on-write and dequantize-on-read in pure torch.
+
+Asymmetric, per token and per KV head: ``x ~= q * scale + zero`` with ``q`` in [0, 2**bits - 1] and
+``scale``, ``zero`` (the row minimum) stored as fp16 **inside the same block** as the values, so a block id
+alone locates everything (prefix sharing and moving copy one block).
+
+Per layer the cache is a uint8 tensor (2, Hkv, num_blocks, block_bytes); one (K|V, head, block) row holds::
+
+    [ values: block_size x head_dim*bits/8 bytes | scales: block_size x fp16 | zeros: block_size x fp16 ]
+
+int4 packs two values per byte along head_dim: element 2j in the low nibble, 2j+1 in the high nibble.
+These functions are the reference for the Triton kernels and the CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KV_QUANT_BITS: dict[str, int] = {"int8": 8, "int4": 4}
+
+
+def packed_dim(head_dim: int, bits: int) -> int:
+    """Bytes of values per token per head."""
+    return head_dim * bits // 8
+
+
+def block_bytes(block_size: int, head_dim: int, bits: int) -> int:
+    """Bytes of one (K|V, head, block) row: values, then fp16 scales, then fp16 zeros."""
+    return block_size * (packed_dim(head_dim, bits) + 4)
+
+
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., D) float -> values uint8 (..., D*bits/8), scale fp16 (...), zero fp16 (...)."""
+    xf = x.float()
+    lo, hi = xf.amin(-1), xf.amax(-1)  # (...,)
+    qmax = (1 << bits) - 1
+    scale = ((hi - lo) / qmax).to(torch.float16)
+    zero = lo.to(torch.float16)
+    # quantize against the fp16-rounded scale/zero that dequantization will use
+    s = scale.float().clamp_min(1e-8)[..., None]
+    q = ((xf - zero.float()[..., None]) / s).round_().clamp_(0, qmax).to(torch.uint8)  # (..., D)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)  # (..., D/2)
+    return q, scale, zero
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of `quantize`: (..., D*bits/8) uint8 + (...) fp16 scale/zero -> (..., D) in ``dtype``."""
+    if bits == 4:
+        q = torch.stack((q & 0xF, q >> 4), dim=-1).flatten(-2)  # (..., D)
+    return (q.float() * scale.float()[..., None] + zero.float()[..., None]).to(dtype)
+
+
+def _split(cache: torch.Tensor, block_size: int, head_dim: int, bits: int) -> tuple[torch.Tensor, ...]:
+    """Views of a (..., block_bytes) cache: values (..., bs, Dq), scales (..., bs), zeros (..., bs)."""
+    dq = packed_dim(head_dim, bits)
+    vbytes = block_size * dq
+    values = cache[..., :vbytes].unflatten(-1, (block_size, dq))
+    scales = cache[..., vbytes : vbytes + 2 * block_size].view(torch.float16)
+    zeros = cache[..., vbytes + 2 * block_size :].view(torch.float16)
+    return values, scales, zeros
+
+
+def store_kv_quant(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_size: int,
+    bits: int,
+) -> None:
+    """Quantize new keys/values (T, Hkv, D) and write them, with their scales, into their slots."""
+    head_dim = k.shape[-1]
+    values, scales, zeros = _split(kv_cache, block_size, head_dim, bits)  # (2, Hkv, nb, ...)
+    blk, off = slot_mapping // block_size, slot_mapping % block_size
+    for i, x in enumerate((k, v)):
+        q, s, z = quantize(x.transpose(0, 1), bits)  # (Hkv, T, Dq), (Hkv, T)
+        values[i][:, blk, off] = q
+        scales[i][:, blk, off] = s
+        zeros[i][:, blk, off] = z
+
+
+def gather_kv_quant(
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_len: int,
+    block_size: int,
+    head_dim: int,
+    bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantized keys and values for sequences sharing a table width: (2, Hkv, B, seq_len, D)."""
+    _, hkv, nb, nbytes = kv_cache.shape
+    b, nblk = block_tables.shape
+    rows = kv_cache.view(2 * hkv, nb, nbytes).index_select(
+        1, block_tables.reshape(-1).long()
+    )  # (2Hkv, B nblk, bytes)
+    values, scales, zeros = _split(rows, block_size, head_dim, bits)
+    x = dequantize(values, scales, zeros, bits, dtype)  # (2Hkv, B nblk, bs, D)
+    return x.view(2, hkv, b, nblk * block_size, head_dim)[:, :, :, :seq_len]
