@@ -130,6 +130,55 @@ def eval_(
         )
 
 
+@app.command()
+@user_errors
+def plan(
+    model: Annotated[str, typer.Argument(help="Model directory, 'demo', or a preset such as llama-3.1-8b.")],
+    memory: Annotated[str | None, typer.Option(help="Memory budget, e.g. 24GiB (no reserve).")] = None,
+    gpu: Annotated[str | None, typer.Option(help="GPU preset: H100-80GB, H200, A100-80GB, L4, ...")] = None,
+    weights: Annotated[
+        str, typer.Option(help="auto (as stored), fp16, bf16, int8 or int4 (group 128).")
+    ] = "auto",
+    kv_cache_dtype: Annotated[
+        str, typer.Option("--kv-cache-dtype", help="auto, fp16, bf16, fp32, int8, int4.")
+    ] = "auto",
+    context: Annotated[
+        int | None, typer.Option(help="Tokens per sequence (default: min(max positions, 4096)).")
+    ] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Plan for this many sequences.")] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write concurrent sequences vs context length to this PNG.")
+    ] = None,
+    price_per_hour: Annotated[
+        float | None, typer.Option(help="GPU price (USD/hour) for a cost per 1M output tokens estimate.")
+    ] = None,
+) -> None:
+    """Exact memory plan before loading: weights, KV capacity, concurrent sequences, batch sizes."""
+    from qserve.planner import plan as make_plan
+    from qserve.planner import print_plan, save_plot
+    from qserve.utils import parse_size
+
+    p = make_plan(
+        model,
+        memory=parse_size(memory) if memory is not None else None,
+        gpu=gpu,
+        weights=weights.lower(),
+        kv_cache_dtype=kv_cache_dtype,
+        context=context,
+        max_num_seqs=max_num_seqs,
+        block_size=block_size,
+        price_per_hour=price_per_hour,
+    )
+    if plot is not None:
+        save_plot(p, str(plot))
+    if as_json:
+        typer.echo(json.dumps(p.to_json(), indent=2))
+    else:
+        print_plan(p)
+
+
 def main() -> None:
     app()
 

@@ -29,13 +29,14 @@ class LLM:
         max_num_seqs: int | None = None,
         **kwargs: Any,
     ):
+        if max_num_seqs:
+            kwargs["max_num_seqs"] = max_num_seqs
         config = EngineConfig(
             model=str(model),
             device=device,
             dtype=dtype,
             kv_cache_dtype=kv_cache_dtype,
             kv_cache_memory=kv_cache_memory,
-            **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
             **kwargs,
         )
         self.engine = LLMEngine(config)
