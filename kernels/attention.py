@@ -133,9 +133,9 @@ def decode_attention_cpu(
     b, hq, d = q.shape
     hkv, bs = kv_cache.shape[1], layout.block_size
     group = hq // hkv
-    max_len = max(seq_lens)
-    tables = block_tables[:, : (max_len + bs - 1) // bs]
-    kv = gather_kv(kv_cache, tables, max_len, layout, q.dtype).to(q.dtype)  # (2, Hkv, B, L, D)
+    nblk = (max(seq_lens) + bs - 1) // bs
+    max_len = nblk * bs  # whole blocks: the gathered K/V stay contiguous, so matmul reads them in place
+    kv = gather_kv(kv_cache, block_tables[:, :nblk], max_len, layout, q.dtype).to(q.dtype)  # (2, Hkv, B, L, D)
     qh = q.view(b, hkv, group, d).transpose(0, 1)  # (Hkv, B, G, D)
     scores = torch.matmul(qh, kv[0].transpose(-1, -2)).float()  # (Hkv, B, G, L)
     lens = torch.tensor(seq_lens, device=q.device)[:, None]  # (B, 1)
