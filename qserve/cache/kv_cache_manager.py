@@ -30,6 +30,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self._root = hash(("qserve-kv", cache_salt))
         self.seq_hashes: dict[int, list[int]] = {}  # hashes of each sequence's full blocks, in order
+        self.num_published: dict[int, int] = {}  # leading blocks of each sequence already in the cache index
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found cached
 
@@ -46,11 +47,11 @@ class KVCacheManager:
     def _hashes(self, seq_id: int, token_ids: list[int], num_full: int) -> list[int]:
         hashes = self.seq_hashes.setdefault(seq_id, [])
         bs = self.block_size
-        while len(hashes) < num_full:
+        while len(hashes) < num_full:  # extend the chain; earlier blocks are never rehashed
             i = len(hashes)
             parent = hashes[-1] if hashes else self._root
             hashes.append(hash((parent, tuple(token_ids[i * bs : (i + 1) * bs]))))
-        return hashes[:num_full]
+        return hashes
 
     def match_prefix(self, seq_id: int, token_ids: list[int]) -> int:
         """Attach the longest cached prefix to a sequence with no blocks yet; returns its length in tokens.
@@ -68,6 +69,7 @@ class KVCacheManager:
             hits.append(b)
         self.pool.touch(hits)
         self.block_tables[seq_id] = hits
+        self.num_published[seq_id] = len(hits)
         self.prefix_queries += len(token_ids)
         self.prefix_hits += len(hits) * self.block_size
         return len(hits) * self.block_size
@@ -78,8 +80,13 @@ class KVCacheManager:
             return
         table = self.block_tables.get(seq_id, [])
         num_full = min(num_computed // self.block_size, len(table))
-        for b, h in zip(table[:num_full], self._hashes(seq_id, token_ids, num_full), strict=True):
-            self.pool.cache(b, h)
+        done = self.num_published.get(seq_id, 0)
+        if num_full <= done:  # the common decode step: no block completed
+            return
+        hashes = self._hashes(seq_id, token_ids, num_full)
+        for i in range(done, num_full):
+            self.pool.cache(table[i], hashes[i])
+        self.num_published[seq_id] = num_full
 
     def num_blocks_needed(self, seq_id: int, num_tokens: int) -> int:
         have = len(self.block_tables.get(seq_id, ()))
@@ -104,4 +111,5 @@ class KVCacheManager:
         """Release all of a sequence's blocks, tail first (so its head blocks stay cached longest)."""
         table = self.block_tables.pop(seq_id, [])
         self.seq_hashes.pop(seq_id, None)
+        self.num_published.pop(seq_id, None)
         self.pool.free(table[::-1])
