@@ -18,7 +18,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 serve: install
-	$(VENV)/bin/qserve generate demo "def fibonacci(n):" --max-tokens 64
+	@echo "qserve: serving the demo model on http://$(HOST):$(PORT) (Ctrl-C stops it). Try, from another shell:"
+	@echo "  curl http://$(HOST):$(PORT)/v1/completions -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"model\": \"demo\", \"prompt\": \"def fibonacci(n):\", \"max_tokens\": 64, \"temperature\": 0}'"
+	$(VENV)/bin/qserve serve demo --host $(HOST) --port $(PORT)
 
 test: install
 	$(VPY) -m ruff check .

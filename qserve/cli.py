@@ -179,6 +179,62 @@ def plan(
         print_plan(p)
 
 
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[
+        str, typer.Argument(help="Model directory (HF or qserve-converted), or 'demo'.")
+    ] = "demo",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    kv_cache_dtype: KvOpt = "auto",
+    kv_cache_memory: Annotated[
+        str | None, typer.Option(help="KV cache pool size, e.g. 2GiB (default: sized from max-num-seqs).")
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(help="Weights + KV cache: a FRACTION of device memory (0.9) or a SIZE (8GiB)."),
+    ] = None,
+    max_num_seqs: Annotated[str, typer.Option(help="Most sequences decoding at once: auto or N.")] = "auto",
+    max_model_len: Annotated[
+        int | None, typer.Option(help="Longest prompt + output in tokens (default: the model's).")
+    ] = None,
+    max_queue: Annotated[int, typer.Option(help="Waiting requests beyond which new ones get 429.")] = 256,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="QSERVE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model name clients use (default: MODEL as given).")
+    ] = None,
+    shutdown_timeout: Annotated[
+        int, typer.Option(help="Seconds in-flight requests get to finish after SIGTERM.")
+    ] = 30,
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, models, health, metrics)."""
+    from qserve.server.launch import ServeOptions, run_server
+
+    run_server(
+        ServeOptions(
+            model=model,
+            host=host,
+            port=port,
+            device=device,
+            dtype=dtype,
+            kv_cache_dtype=kv_cache_dtype,
+            kv_cache_memory=kv_cache_memory,
+            memory_budget=memory_budget,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            max_queue=max_queue,
+            api_key=api_key,
+            served_model_name=served_model_name,
+            shutdown_timeout=shutdown_timeout,
+        )
+    )
+
+
 def main() -> None:
     app()
 

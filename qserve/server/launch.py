@@ -1,0 +1,202 @@
+"""`qserve serve` start-up: size the KV cache, build the engine, print the plan, run uvicorn until SIGTERM.
+
+SIGTERM (or Ctrl-C): the server stops admitting (503, and uvicorn closes its listening socket), lets
+requests in flight finish for up to ``shutdown_timeout`` seconds, aborts the rest, and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from qserve.errors import QServeError
+from qserve.utils import format_size, parse_size
+
+logger = logging.getLogger("qserve.server")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model: str = "demo"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    kv_cache_memory: str | None = None  # SIZE
+    memory_budget: str | None = None  # FRACTION of the device's memory, or a SIZE (weights + KV)
+    max_num_seqs: str = "auto"
+    max_model_len: int | None = None
+    max_queue: int = 256
+    api_key: str | None = None
+    served_model_name: str | None = None
+    shutdown_timeout: int = 30  # seconds
+
+
+def checkpoint_bytes(path: Path, dtype: str) -> int:
+    """Weight bytes before loading: the safetensors files, rescaled when --dtype changes a float checkpoint."""
+    from qserve.config import ModelConfig, canonical_dtype
+
+    total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    cfg = ModelConfig.from_pretrained(path)
+    if dtype != "auto" and cfg.quantization is None:
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}
+        total = total * size[canonical_dtype(dtype)] // size[cfg.dtype]
+    return total
+
+
+def device_memory(device: str) -> int:
+    """Total memory of the device the engine will run on (RAM on CPU)."""
+    from qserve.engine.llm_engine import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(dev)[1])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def kv_budget(opts: ServeOptions) -> int | None:
+    """KV pool bytes from --kv-cache-memory, or --memory-budget minus the weights, or None (engine default)."""
+    if opts.kv_cache_memory and opts.memory_budget:
+        raise QServeError("give --kv-cache-memory or --memory-budget, not both")
+    if opts.kv_cache_memory:
+        return parse_size(opts.kv_cache_memory)
+    if not opts.memory_budget:
+        return None
+    from qserve.config import resolve_model_path
+
+    try:
+        fraction = float(opts.memory_budget)
+    except ValueError:
+        fraction = None
+    if fraction is not None and fraction <= 1.0:
+        if fraction <= 0:
+            raise QServeError(f"--memory-budget fraction must be in (0, 1], got {opts.memory_budget}")
+        total = int(device_memory(opts.device) * fraction)
+    else:
+        total = parse_size(opts.memory_budget)
+    weights = checkpoint_bytes(resolve_model_path(opts.model), opts.dtype)
+    if total <= weights:
+        raise QServeError(
+            f"--memory-budget {format_size(total)} leaves nothing for the KV cache: the weights take {format_size(weights)}"
+        )
+    return total - weights
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of the loaded weights: parameters and persistent buffers (packed quantized weights, scales),
+    tied tensors counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in model.state_dict(keep_vars=True).values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def plan_lines(engine: Any, max_queue: int) -> list[str]:
+    spec, kv = engine.kv_spec, engine.kv
+    cfg = engine.model_config
+    return [
+        f"model         {engine.config.model} ({cfg.architecture}, {engine.dtype_name}) on {engine.device}",
+        f"weights       {format_size(weight_bytes(engine.model))}",
+        f"kv cache      {spec.dtype}, {spec.bytes_per_token} B/token, "
+        f"{format_size(kv.capacity_tokens * spec.bytes_per_token)} = {kv.capacity_tokens} tokens",
+        f"capacity      {kv.capacity_tokens // engine.max_model_len} sequences at max_model_len {engine.max_model_len}",
+        f"max_num_seqs  {engine.scheduler.max_num_seqs}, max_queue {max_queue}",
+    ]
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail fast, before loading a model, when the address is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise QServeError(f"cannot resolve --host {host}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise QServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def run_server(opts: ServeOptions) -> None:
+    """Validate the flags (before anything slow is imported), build the engine, print the plan, serve."""
+    from qserve.config import EngineConfig, resolve_model_path
+
+    if opts.max_queue < 1:
+        raise QServeError(f"--max-queue must be at least 1, got {opts.max_queue}")
+    if not 1 <= opts.port <= 65535:
+        raise QServeError(f"--port must be in 1..65535, got {opts.port}")
+    extra: dict[str, Any] = {}
+    if opts.max_num_seqs != "auto":
+        if not opts.max_num_seqs.isdigit() or int(opts.max_num_seqs) < 1:
+            raise QServeError(
+                f"--max-num-seqs must be 'auto' or a positive integer, got {opts.max_num_seqs!r}"
+            )
+        extra["max_num_seqs"] = int(opts.max_num_seqs)
+    if opts.max_model_len is not None and opts.max_model_len < 1:
+        raise QServeError(f"--max-model-len must be positive, got {opts.max_model_len}")
+    resolve_model_path(opts.model)
+    kv_memory = kv_budget(opts)
+    check_port(opts.host, opts.port)
+
+    from qserve.engine.llm_engine import LLMEngine
+    from qserve.server.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = EngineConfig(
+        model=opts.model,
+        device=opts.device,
+        dtype=opts.dtype,
+        kv_cache_dtype=opts.kv_cache_dtype,
+        kv_cache_memory=kv_memory,
+        max_model_len=opts.max_model_len,
+        **extra,
+    )
+    engine = LLMEngine(config)
+    name = opts.served_model_name or opts.model
+    print("qserve serve: sized itself with this plan", flush=True)
+    for line in plan_lines(engine, opts.max_queue):
+        print("  " + line, flush=True)
+    app = create_app(engine, served_model_name=name, api_key=opts.api_key, max_queue=opts.max_queue)
+    print(f"  serving '{name}' on http://{opts.host}:{opts.port}/v1", flush=True)
+    uv_config = uvicorn.Config(
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level="info",
+        access_log=False,
+        # the engine thread aborts what is left at the deadline; uvicorn's own (later) deadline then only
+        # catches connections that do not close by themselves
+        timeout_graceful_shutdown=max(opts.shutdown_timeout, 0) + 5,
+    )
+    thread = app.state.engine_thread
+    GracefulServer(uv_config, lambda: thread.begin_drain(grace=max(opts.shutdown_timeout, 0))).run()
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server whose SIGTERM/SIGINT first stops admission, then shuts down gracefully, and then
+    does not re-raise the signal (uvicorn would, making the exit status -15 instead of 0)."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]):
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_signal()
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()

@@ -1,0 +1,97 @@
+"""Prometheus exposition of DESIGN §4's metrics (prefix ``qserve_``), one private registry per app.
+
+Engine-side values come from the engine thread's latest ``engine.metrics()`` snapshot (taken on that
+thread, at most SNAPSHOT_INTERVAL old while busy, fresh whenever it goes idle), so scraping never touches
+live engine state. The two latency histograms are observed here, per finished request, as the client
+sees them: time to first token from the HTTP request's arrival, and time per output token after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+P = "qserve_"
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+_GAUGES = {
+    "requests_running": "Sequences in the running batch.",
+    "requests_waiting": "Sequences waiting for admission (including preempted ones).",
+    "kv_cache_usage_ratio": "Share of KV cache blocks in use (0..1).",
+    "kv_cache_capacity_tokens": "Tokens the KV cache pool holds.",
+    "batch_size": "Sequences in the last step's batch.",
+    "device_busy_ratio": "Share of recent wall time spent inside the model forward.",
+    "admission_headroom_sequences": "How many more average-sized requests fit now.",
+    "prefix_cache_hit_rate": "Share of looked-up prompt tokens found in the prefix cache.",
+}
+_COUNTERS = {
+    "prompt_tokens": "Prompt tokens admitted.",
+    "generation_tokens": "Tokens generated.",
+    "preemptions": "Sequences preempted (recompute).",
+}
+
+
+class EngineCollector(Collector):
+    """Turns a metrics snapshot dict (LLMEngine.metrics names) into Prometheus families at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]):
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._snapshot()
+        for name, doc in _GAUGES.items():
+            if name in m:
+                yield GaugeMetricFamily(P + name, doc, value=float(m[name]))
+        for name, doc in _COUNTERS.items():
+            yield CounterMetricFamily(P + name, doc, value=float(m[f"{name}_total"]))
+        finished = CounterMetricFamily(
+            P + "requests_finished", "Requests finished, by reason (stop, length, abort).", labels=["reason"]
+        )
+        for reason in sorted({"stop", "length", "abort", *m["requests_finished_total"]}):
+            finished.add_metric([reason], float(m["requests_finished_total"].get(reason, 0)))
+        yield finished
+        steps = GaugeMetricFamily(
+            P + "step_seconds",
+            "Mean seconds per engine step, by phase, over a sliding window.",
+            labels=["phase"],
+        )
+        for phase, seconds in m["step_seconds"].items():
+            steps.add_metric([phase], float(seconds))
+        yield steps
+
+
+class ServerMetrics:
+    """A private CollectorRegistry (so several apps can live in one process) with the engine collector
+    and the request-latency histograms."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]):
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(snapshot))
+        self.ttft = Histogram(
+            P + "time_to_first_token_seconds",
+            "Seconds from request arrival to its first output token.",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            P + "time_per_output_token_seconds",
+            "Mean seconds per output token after the first, per request.",
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe(self, arrival: float, first_token: float | None, end: float, num_tokens: int) -> None:
+        """Record one finished request (monotonic times)."""
+        if first_token is None:
+            return
+        self.ttft.observe(first_token - arrival)
+        if num_tokens > 1:
+            self.tpot.observe((end - first_token) / (num_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,55 @@
+"""`qserve serve` flags: sizing from --memory-budget / --kv-cache-memory, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qserve.errors import QServeError
+from qserve.server.launch import ServeOptions, checkpoint_bytes, device_memory, kv_budget
+
+
+def test_kv_budget(plain_model: Path) -> None:
+    weights = checkpoint_bytes(plain_model, "auto")
+    assert weights > 0
+    assert kv_budget(ServeOptions(model=str(plain_model))) is None
+    assert kv_budget(ServeOptions(model=str(plain_model), kv_cache_memory="64MiB")) == 64 << 20
+    assert kv_budget(ServeOptions(model=str(plain_model), memory_budget="8MiB")) == (8 << 20) - weights
+    frac = kv_budget(ServeOptions(model=str(plain_model), memory_budget="0.01", device="cpu"))
+    assert frac == int(device_memory("cpu") * 0.01) - weights
+    # --dtype bfloat16 halves a float32 checkpoint's weights
+    assert checkpoint_bytes(plain_model, "bfloat16") == weights // 2
+    with pytest.raises(QServeError, match="nothing for the KV cache"):
+        kv_budget(ServeOptions(model=str(plain_model), memory_budget="1KiB"))
+    with pytest.raises(QServeError, match="not both"):
+        kv_budget(ServeOptions(model=str(plain_model), memory_budget="1GiB", kv_cache_memory="1GiB"))
+
+
+def test_serve_errors_are_one_line_exit_2(plain_model: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [
+            (str(tmp_path / "missing"),),
+            (str(plain_model), "--port", "0"),
+            (str(plain_model), "--memory-budget", "1KiB"),
+            (str(plain_model), "--max-num-seqs", "lots"),
+            (str(plain_model), "--kv-cache-memory", "12 parsecs"),
+            (str(plain_model), "--max-queue", "0"),
+            (str(plain_model), "--port", port),
+        ]
+        for args in cases:
+            r = subprocess.run(
+                [sys.executable, "-m", "qserve.cli", "serve", *args],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert r.returncode == 2, (args, r.stderr)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
