@@ -18,6 +18,7 @@ from qserve.engine.scheduler import Scheduler
 from qserve.engine.sequence import Sequence
 from qserve.errors import QServeError
 from qserve.kernels.attention import KVLayout
+from qserve.layers.linear import prepack_cpu_linears
 from qserve.models.loader import load_model, torch_dtype
 from qserve.planner import engine_kv_blocks
 from qserve.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -51,6 +52,8 @@ class LLMEngine:
         self.dtype_name = cfg.dtype if config.dtype == "auto" else canonical_dtype(config.dtype)
         self.tokenizer = load_tokenizer(path)
         self.model = load_model(path, cfg, torch_dtype(self.dtype_name), self.device)
+        if self.device.type == "cpu":
+            prepack_cpu_linears(self.model)
         self.max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
         )

@@ -32,8 +32,21 @@ class Linear(nn.Module):
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), False) if bias else None
         )
 
+        self._packed: torch.Tensor | None = None  # oneDNN-blocked copy of weight (CPU bf16), see prepack_cpu
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def prepack_cpu(self) -> None:
+        """Reorder the weight once into oneDNN's blocked layout (bit-identical results for bf16).
+
+        Without it oneDNN reorders the weight on every call: 1.2-2x slower at decode batch sizes on CPU.
+        The dense weight is released; only forward can use the layer afterwards.
+        """
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 64)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
 
     def load(self, shards: list[dict[str, torch.Tensor]]) -> None:
         weight = torch.cat([s["weight"] for s in shards], dim=0) if len(shards) > 1 else shards[0]["weight"]
@@ -44,6 +57,26 @@ class Linear(nn.Module):
             if any("bias" not in s for s in shards):
                 raise QServeError("checkpoint lacks a bias the config asks for")
             self.bias.data.copy_(torch.cat([s["bias"] for s in shards], dim=0))
+
+
+def prepack_cpu_linears(model: nn.Module) -> int:
+    """Prepack every bf16 float `Linear` of a CPU model whose weight no other module shares.
+
+    Returns how many were packed. A no-op where oneDNN (mkldnn) is unavailable.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        shared = w is not None and counts.get(id(w), 0) > 1  # e.g. lm_head tied to the embedding
+        if isinstance(m, Linear) and not shared and w is not None and w.dtype == torch.bfloat16 and w.is_cpu:
+            m.prepack_cpu()
+            n += 1
+    return n
 
 
 def make_linear(
