@@ -80,6 +80,10 @@ class ModelRunner:
             kv_layout=self.kv_layout,
             use_reference=self.use_reference_attention,
         )
+        if dev.type == "cuda":  # the Triton kernels read lengths from device memory
+            meta.seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+            meta.query_start_loc_tensor = torch.tensor(qsl, dtype=torch.int32, device=dev)
+            meta.max_decode_seq_len = max(seq_lens[:num_decodes], default=1)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos, meta, logits_rows

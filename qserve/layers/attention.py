@@ -24,7 +24,11 @@ class AttentionMetadata:
     query_start_loc: list[int]  # B + 1: row offsets of each sequence's queries in the packed batch
     num_decodes: int
     kv_layout: KVLayout
-    use_reference: bool = False  # tests: run the pure-torch reference instead of the fast path
+    use_reference: bool = False
+    # device copies for the Triton kernels (CUDA only; None on CPU)
+    seq_lens_tensor: torch.Tensor | None = None  # (B,) int32
+    query_start_loc_tensor: torch.Tensor | None = None  # (B + 1,) int32
+    max_decode_seq_len: int = 1  # tests: run the pure-torch reference instead of the fast path
 
 
 class Attention(nn.Module):
@@ -44,6 +48,23 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
+        if q.is_cuda and meta.seq_lens_tensor is not None and meta.query_start_loc_tensor is not None:
+            from qserve.kernels.paged_attention import paged_attention_triton, store_kv_triton, supports
+
+            if supports(meta.kv_layout):
+                store_kv_triton(k, v, kv_cache, meta.slot_mapping, meta.kv_layout)
+                return paged_attention_triton(
+                    q,
+                    kv_cache,
+                    meta.block_tables,
+                    meta.seq_lens_tensor,
+                    meta.query_start_loc_tensor,
+                    meta.num_decodes,
+                    self.scale,
+                    meta.kv_layout,
+                    self.sliding_window,
+                    max_seq_len=meta.max_decode_seq_len,
+                )
         store_kv(k, v, kv_cache, meta.slot_mapping, meta.kv_layout)
         if meta.use_reference:
             return paged_attention_ref(
