@@ -15,6 +15,23 @@ if TYPE_CHECKING:
 
 WINDOW_SECONDS = 10.0  # device_busy_ratio and step timings average over this much recent wall time
 PHASES = ("schedule", "prepare", "forward", "sample", "detokenize")
+# DESIGN §4: the metric names LLM.metrics() returns and /metrics exports (with the qserve_ prefix)
+METRIC_NAMES: tuple[str, ...] = (
+    "requests_running",
+    "requests_waiting",
+    "kv_cache_usage_ratio",
+    "kv_cache_capacity_tokens",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "requests_finished_total",
+    "preemptions_total",
+    "time_to_first_token_seconds",
+    "time_per_output_token_seconds",
+    "batch_size",
+    "device_busy_ratio",
+    "step_seconds",
+    "admission_headroom_sequences",
+)
 
 
 @dataclass

@@ -11,24 +11,10 @@ import torch
 from openai.types import Completion
 from openai.types.chat import ChatCompletionMessageParam
 
+from qserve.engine.metrics import METRIC_NAMES
 from tests.server.conftest import API_KEY, CHAT_TEMPLATE, ServerProcess, httpx, metric
 
-METRICS = (
-    "requests_running",
-    "requests_waiting",
-    "kv_cache_usage_ratio",
-    "kv_cache_capacity_tokens",
-    "prompt_tokens_total",
-    "generation_tokens_total",
-    "requests_finished_total",
-    "preemptions_total",
-    "time_to_first_token_seconds",
-    "time_per_output_token_seconds",
-    "batch_size",
-    "device_busy_ratio",
-    "step_seconds",
-    "admission_headroom_sequences",
-)
+METRICS = METRIC_NAMES
 
 
 @pytest.fixture(scope="module")
