@@ -11,7 +11,6 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -41,18 +40,6 @@ class ServeOptions:
     shutdown_timeout: int = 30  # seconds
 
 
-def checkpoint_bytes(path: Path, dtype: str) -> int:
-    """Weight bytes before loading: the safetensors files, rescaled when --dtype changes a float checkpoint."""
-    from qserve.config import ModelConfig, canonical_dtype
-
-    total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    cfg = ModelConfig.from_pretrained(path)
-    if dtype != "auto" and cfg.quantization is None:
-        size = {"float32": 4, "float16": 2, "bfloat16": 2}
-        total = total * size[canonical_dtype(dtype)] // size[cfg.dtype]
-    return total
-
-
 def device_memory(device: str) -> int:
     """Total memory of the device the engine will run on (RAM on CPU)."""
     from qserve.engine.llm_engine import resolve_device
@@ -65,15 +52,17 @@ def device_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def kv_budget(opts: ServeOptions) -> int | None:
-    """KV pool bytes from --kv-cache-memory, or --memory-budget minus the weights, or None (engine default)."""
+def kv_budget(opts: ServeOptions) -> tuple[int | None, int | None]:
+    """(KV pool bytes, max_num_seqs) from --kv-cache-memory, or from --memory-budget through the planner
+    (weights, activation peak and KV: the same numbers `qserve plan` prints), or (None, None): engine default.
+    max_num_seqs comes back only when the planner chose it (--memory-budget with --max-num-seqs auto)."""
     if opts.kv_cache_memory and opts.memory_budget:
         raise QServeError("give --kv-cache-memory or --memory-budget, not both")
     if opts.kv_cache_memory:
-        return parse_size(opts.kv_cache_memory)
+        return parse_size(opts.kv_cache_memory), None
     if not opts.memory_budget:
-        return None
-    from qserve.config import resolve_model_path
+        return None, None
+    from qserve.planner import plan_engine
 
     try:
         fraction = float(opts.memory_budget)
@@ -85,12 +74,16 @@ def kv_budget(opts: ServeOptions) -> int | None:
         total = int(device_memory(opts.device) * fraction)
     else:
         total = parse_size(opts.memory_budget)
-    weights = checkpoint_bytes(resolve_model_path(opts.model), opts.dtype)
-    if total <= weights:
-        raise QServeError(
-            f"--memory-budget {format_size(total)} leaves nothing for the KV cache: the weights take {format_size(weights)}"
-        )
-    return total - weights
+    auto = opts.max_num_seqs == "auto"
+    p = plan_engine(
+        opts.model,
+        total,
+        dtype=opts.dtype,
+        kv_cache_dtype=opts.kv_cache_dtype,
+        max_model_len=opts.max_model_len,
+        max_num_seqs=None if auto else int(opts.max_num_seqs),
+    )
+    return p.kv_cache_bytes, p.max_num_seqs if auto else None
 
 
 def weight_bytes(model: Any) -> int:
@@ -151,7 +144,9 @@ def run_server(opts: ServeOptions) -> None:
     if opts.max_model_len is not None and opts.max_model_len < 1:
         raise QServeError(f"--max-model-len must be positive, got {opts.max_model_len}")
     resolve_model_path(opts.model)
-    kv_memory = kv_budget(opts)
+    kv_memory, planned_seqs = kv_budget(opts)
+    if planned_seqs is not None:
+        extra["max_num_seqs"] = planned_seqs
     check_port(opts.host, opts.port)
 
     from qserve.engine.llm_engine import LLMEngine

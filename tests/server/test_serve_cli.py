@@ -10,20 +10,29 @@ from pathlib import Path
 import pytest
 
 from qserve.errors import QServeError
-from qserve.server.launch import ServeOptions, checkpoint_bytes, device_memory, kv_budget
+from qserve.server.launch import ServeOptions, device_memory, kv_budget
 
 
 def test_kv_budget(plain_model: Path) -> None:
-    weights = checkpoint_bytes(plain_model, "auto")
-    assert weights > 0
-    assert kv_budget(ServeOptions(model=str(plain_model))) is None
-    assert kv_budget(ServeOptions(model=str(plain_model), kv_cache_memory="64MiB")) == 64 << 20
-    assert kv_budget(ServeOptions(model=str(plain_model), memory_budget="8MiB")) == (8 << 20) - weights
+    from qserve.planner import plan_engine
+
+    assert kv_budget(ServeOptions(model=str(plain_model))) == (None, None)
+    assert kv_budget(ServeOptions(model=str(plain_model), kv_cache_memory="64MiB")) == (64 << 20, None)
+    # --memory-budget goes through the planner: the same KV bytes and max_num_seqs `qserve plan` reports
+    plan = plan_engine(str(plain_model), 8 << 20)
+    assert kv_budget(ServeOptions(model=str(plain_model), memory_budget="8MiB")) == (
+        plan.kv_cache_bytes,
+        plan.max_num_seqs,
+    )
+    assert 0 < plan.kv_cache_bytes < (8 << 20) - plan.weights_bytes
+    fixed = kv_budget(ServeOptions(model=str(plain_model), memory_budget="8MiB", max_num_seqs="3"))
+    assert fixed[1] is None
     frac = kv_budget(ServeOptions(model=str(plain_model), memory_budget="0.01", device="cpu"))
-    assert frac == int(device_memory("cpu") * 0.01) - weights
-    # --dtype bfloat16 halves a float32 checkpoint's weights
-    assert checkpoint_bytes(plain_model, "bfloat16") == weights // 2
-    with pytest.raises(QServeError, match="nothing for the KV cache"):
+    assert frac[0] == plan_engine(str(plain_model), int(device_memory("cpu") * 0.01)).kv_cache_bytes
+    # --dtype bfloat16 halves a float32 checkpoint's weights, leaving more for the KV pool
+    bf16 = plan_engine(str(plain_model), 8 << 20, dtype="bfloat16")
+    assert bf16.weights_bytes == plan.weights_bytes // 2
+    with pytest.raises(QServeError, match="smaller than the weights"):
         kv_budget(ServeOptions(model=str(plain_model), memory_budget="1KiB"))
     with pytest.raises(QServeError, match="not both"):
         kv_budget(ServeOptions(model=str(plain_model), memory_budget="1GiB", kv_cache_memory="1GiB"))
