@@ -235,6 +235,11 @@ def serve(
     )
 
 
+from qserve.cli_convert import convert_command  # noqa: E402 (registered after the commands above)
+
+app.command("convert")(user_errors(convert_command))
+
+
 def main() -> None:
     app()
 

@@ -18,6 +18,7 @@ from qserve.engine.scheduler import Scheduler
 from qserve.engine.sequence import Sequence
 from qserve.errors import QServeError
 from qserve.kernels.attention import KVLayout
+from qserve.layers.attention import AttentionMetadata
 from qserve.layers.linear import prepack_cpu_linears
 from qserve.models.loader import load_model, torch_dtype
 from qserve.planner import engine_kv_blocks
@@ -82,6 +83,8 @@ class LLMEngine:
         layout = KVLayout(config.block_size, cfg.head_dim, self.kv_spec.quant_bits)
         caches = self.kv_spec.allocate(num_blocks, self.device)
         self.runner = ModelRunner(self.model, caches, self.kv, layout, self.device)
+        if self.device.type == "cuda":
+            self._check_activation_estimate(config, layout)
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(int(self.tokenizer.eos_token_id))
@@ -98,6 +101,50 @@ class LLMEngine:
         return engine_kv_blocks(
             self.kv_spec, self.model_config, config, self.max_model_len, act_bytes, free, DEFAULT_CPU_KV_CAP
         )
+
+    def _check_activation_estimate(self, config: EngineConfig, layout: KVLayout) -> None:
+        """Profile one full-budget prefill step on the GPU and log where the planner's activation estimate
+        is off by more than 5% (the KV pool was sized with the estimate). Diagnostic only: never fails."""
+        from qserve.planner import activation_bytes
+
+        try:
+            t = min(config.max_num_batched_tokens, self.kv.capacity_tokens, self.max_model_len)
+            dev, rows = self.device, min(config.max_num_seqs, t)
+            nblk = -(-t // config.block_size)
+            meta = AttentionMetadata(
+                slot_mapping=torch.arange(t, device=dev),
+                block_tables=torch.arange(nblk, dtype=torch.int32, device=dev)[None],
+                seq_lens=[t],
+                query_start_loc=[0, t],
+                num_decodes=0,
+                kv_layout=layout,
+                seq_lens_tensor=torch.tensor([t], dtype=torch.int32, device=dev),
+                query_start_loc_tensor=torch.tensor([0, t], dtype=torch.int32, device=dev),
+            )
+            ids = torch.zeros(t, dtype=torch.int64, device=dev)
+            torch.cuda.synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            with torch.inference_mode():
+                hidden = self.model(ids, torch.arange(t, device=dev), meta, self.runner.kv_caches)
+                self.model.compute_logits(hidden[:rows])
+            torch.cuda.synchronize(dev)
+            measured = torch.cuda.max_memory_allocated(dev) - base
+            planned = activation_bytes(
+                self.model_config,
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+                torch_dtype(self.dtype_name).itemsize,
+            )
+            if abs(measured - planned) > 0.05 * planned:
+                logger.warning(
+                    "activation peak: planned %d B, measured %d B in a %d-token profile step",
+                    planned,
+                    measured,
+                    t,
+                )
+        except Exception as e:  # the check must never stop the engine from starting
+            logger.warning("activation profile skipped: %s", e)
 
     # ------------------------------------------------------------------ requests
     def add_request(
