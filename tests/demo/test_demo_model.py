@@ -14,7 +14,9 @@ from qserve.config import resolve_model_path
 from qserve.demo import CALIB_TEXT, HELDOUT_TEXT, MODEL_DIR
 from qserve.eval import perplexity
 
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(), reason="demo model not built")
+pytestmark = pytest.mark.skipif(
+    not (MODEL_DIR / "model.safetensors").is_file(), reason="demo model not built"
+)
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, item):"]
 
 
