@@ -22,9 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 MODEL = OUT / "llama-83m-bf16"
 CONFIG = dict(
-    vocab_size=32000, hidden_size=768, intermediate_size=1792, num_hidden_layers=6, num_attention_heads=12,
-    num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    eos_token_id=256, bos_token_id=None,
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=1792,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    eos_token_id=256,
+    bos_token_id=None,
 )
 
 
@@ -66,7 +74,9 @@ def run_qserve(prompts: list[list[int]], out_len: int) -> dict:
 def run_vllm(prompts: list[list[int]], out_len: int) -> dict:
     from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
 
-    llm = LLM(model=str(MODEL), dtype="bfloat16", max_model_len=2048, enforce_eager=True, skip_tokenizer_init=True)
+    llm = LLM(
+        model=str(MODEL), dtype="bfloat16", max_model_len=2048, enforce_eager=True, skip_tokenizer_init=True
+    )
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True, detokenize=False)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(inputs[:2], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False), use_tqdm=False)
@@ -103,7 +113,9 @@ def main() -> None:
     ap.add_argument("--engines", default="qserve,vllm,hf-batched,hf-single")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--single-requests", type=int, default=8, help="hf-single runs this many and extrapolates rate")
+    ap.add_argument(
+        "--single-requests", type=int, default=8, help="hf-single runs this many and extrapolates rate"
+    )
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     prompts = workload(args.requests)
@@ -113,8 +125,11 @@ def main() -> None:
         elif args.child == "vllm":
             res = run_vllm(prompts, args.output_len)
         else:
-            res = run_hf(prompts if args.child == "hf-batched" else prompts[: args.single_requests], args.output_len,
-                         batched=args.child == "hf-batched")
+            res = run_hf(
+                prompts if args.child == "hf-batched" else prompts[: args.single_requests],
+                args.output_len,
+                batched=args.child == "hf-batched",
+            )
         print("RESULT " + json.dumps(res))
         return
     build_model()
@@ -123,8 +138,18 @@ def main() -> None:
     for eng in args.engines.split(","):
         py = vllm_py if eng == "vllm" else sys.executable
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONPATH": str(ROOT)}
-        cmd = [py, __file__, "--child", eng, "--requests", str(args.requests), "--output-len", str(args.output_len),
-               "--single-requests", str(args.single_requests)]
+        cmd = [
+            py,
+            __file__,
+            "--child",
+            eng,
+            "--requests",
+            str(args.requests),
+            "--output-len",
+            str(args.output_len),
+            "--single-requests",
+            str(args.single_requests),
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
@@ -132,8 +157,10 @@ def main() -> None:
             continue
         results[eng] = json.loads(line[7:])
         r = results[eng]
-        print(f"{eng:12s} {r['tokens']:6d} tokens in {r['seconds']:7.2f} s = {r['tokens'] / r['seconds']:7.1f} tok/s",
-              flush=True)
+        print(
+            f"{eng:12s} {r['tokens']:6d} tokens in {r['seconds']:7.2f} s = {r['tokens'] / r['seconds']:7.1f} tok/s",
+            flush=True,
+        )
     base = results.get("qserve")
     if base:
         q = base["tokens"] / base["seconds"]

@@ -269,9 +269,22 @@ class QuantSpec:
 
     @classmethod
     def from_config(cls, d: dict[str, Any] | None) -> QuantSpec | None:
-        """Parse ``config.json["quantization_config"]``; None for an unquantized checkpoint."""
+        """Parse ``config.json["quantization_config"]``; None for an unquantized checkpoint.
+
+        Raises:
+            ValueError: a method, format or setting qserve does not read (one line saying which).
+        """
         if not d:
             return None
+        if not isinstance(d, dict):
+            raise ValueError(f"quantization_config must be a JSON object, got {type(d).__name__}")
+        try:
+            return cls._parse(d)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"invalid quantization_config {d}: missing or malformed {e}") from None
+
+    @classmethod
+    def _parse(cls, d: dict[str, Any]) -> QuantSpec:
         kind = str(d.get("quant_method", "")).lower()
         if kind == "qserve":
             if int(d.get("format_version", 0)) != FORMAT_VERSION:

@@ -47,7 +47,10 @@ def _quant_spec(cfg: ModelConfig):  # type: ignore[no-untyped-def]
         return None
     from qserve.kernels.packing import QuantSpec
 
-    return QuantSpec.from_config(cfg.quantization)
+    try:
+        return QuantSpec.from_config(cfg.quantization)
+    except ValueError as e:  # an unsupported or malformed quantization_config
+        raise QServeError(f"unsupported quantization_config: {e}") from None
 
 
 def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:

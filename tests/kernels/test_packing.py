@@ -157,3 +157,13 @@ def test_quant_spec_from_config() -> None:
     ):
         with pytest.raises(ValueError):
             QuantSpec.from_config(bad)
+
+
+def test_quant_spec_malformed_configs_raise_value_error() -> None:
+    for bad in (
+        {"quant_method": "qserve", "format_version": 1, "weights": "int4"},  # no group_size
+        {"quant_method": "awq", "bits": "four"},
+        ["not", "a", "dict"],
+    ):
+        with pytest.raises(ValueError):
+            QuantSpec.from_config(bad)  # type: ignore[arg-type]
