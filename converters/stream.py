@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from qserve.errors import QServeError
+from qserve.models.loader import checkpoint_files
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float32: "F32",
@@ -54,28 +55,6 @@ class TensorInfo:
 
 def _itemsize(dtype: str) -> int:
     return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2}.get(dtype, 1)
-
-
-def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors shards of a Hugging Face directory, validated to exist."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shard_names = set(weight_map.values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise QServeError(f"{index} is not a valid safetensors index: {e}") from None
-        files = [path / f for f in sorted(shard_names)]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise QServeError(
-            f"no safetensors weights in {path} (model.safetensors or model-*.safetensors expected)"
-        )
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise QServeError(f"missing safetensors shard {missing[0]} in {path}")
-    return files
 
 
 class SourceCheckpoint:

@@ -23,11 +23,14 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, in shard order."""
+    """The safetensors files of a checkpoint, in shard order, validated to exist (loader and converter)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted({path / f for f in weight_map.values()})
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({path / f for f in weight_map.values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise QServeError(f"{index} is not a valid safetensors index: {e}") from None
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     else:
@@ -38,7 +41,7 @@ def checkpoint_files(path: Path) -> list[Path]:
         )
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise QServeError(f"missing weight shards in {path}: {', '.join(missing)}")
+        raise QServeError(f"missing safetensors shard {missing[0]} in {path}")
     return files
 
 
