@@ -48,7 +48,9 @@ def user_errors(fn: F) -> F:
 DtypeOpt = Annotated[
     str, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, float16, bfloat16.")
 ]
-KvOpt = Annotated[str, typer.Option("--kv-cache-dtype", help="KV cache dtype: auto, fp16, bf16, fp32.")]
+KvOpt = Annotated[
+    str, typer.Option("--kv-cache-dtype", help="KV cache dtype: auto, fp16, bf16, fp32, int8, int4.")
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
