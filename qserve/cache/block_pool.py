@@ -52,12 +52,6 @@ class BlockPool:
                 del self.free_blocks[b]
             self.ref_counts[b] += 1
 
-    def incref(self, block_ids: list[int]) -> None:
-        for b in block_ids:
-            if self.ref_counts[b] <= 0:
-                raise RuntimeError(f"incref on free block {b}")
-            self.ref_counts[b] += 1
-
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference to each block, in the order given; blocks reaching 0 join the free list."""
         for b in block_ids:

@@ -13,7 +13,7 @@ import torch
 from qserve.errors import QServeError
 from qserve.kernels.kv_quant import KV_QUANT_BITS, block_bytes
 
-# KV dtype name -> bytes per element
+# float KV dtype name -> the torch dtype it is stored in
 FLOAT_KV_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,

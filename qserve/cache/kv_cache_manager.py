@@ -70,9 +70,12 @@ class KVCacheManager:
         self.pool.touch(hits)
         self.block_tables[seq_id] = hits
         self.num_published[seq_id] = len(hits)
-        self.prefix_queries += len(token_ids)
-        self.prefix_hits += len(hits) * self.block_size
         return len(hits) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_cached: int) -> None:
+        """Count one admitted sequence's lookup in the hit rate (a failed admission that retries is not)."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_cached
 
     def cache_full_blocks(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
         """Publish the sequence's blocks whose ``block_size`` tokens all have KV computed."""
@@ -91,9 +94,6 @@ class KVCacheManager:
     def num_blocks_needed(self, seq_id: int, num_tokens: int) -> int:
         have = len(self.block_tables.get(seq_id, ()))
         return max(0, cdiv(num_tokens, self.block_size) - have)
-
-    def can_allocate(self, seq_id: int, num_tokens: int) -> bool:
-        return self.num_blocks_needed(seq_id, num_tokens) <= self.pool.num_free_blocks
 
     def allocate_slots(self, seq_id: int, num_tokens: int) -> list[int] | None:
         """Grow ``seq_id``'s table to cover ``num_tokens`` tokens. Returns the new block ids, or None."""

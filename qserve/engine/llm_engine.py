@@ -58,9 +58,7 @@ class LLMEngine:
         self.max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
         )
-        kv_dtype = resolve_kv_dtype(
-            config.kv_cache_dtype, {"float32": "fp32", "float16": "fp16"}.get(self.dtype_name, "bf16")
-        )
+        kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.dtype_name)
         self.kv_spec = KVCacheSpec(
             cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, kv_dtype
         )

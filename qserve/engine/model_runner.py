@@ -41,7 +41,6 @@ class ModelRunner:
         self.kv_layout = kv_layout
         self.block_size = kv.block_size
         self.device = device
-        self.use_reference_attention = False
 
     def _prepare(
         self, so: SchedulerOutput
@@ -78,7 +77,6 @@ class ModelRunner:
             query_start_loc=qsl,
             num_decodes=num_decodes,
             kv_layout=self.kv_layout,
-            use_reference=self.use_reference_attention,
         )
         if dev.type == "cuda":  # the Triton kernels read lengths from device memory
             meta.seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32, device=dev)

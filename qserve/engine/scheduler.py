@@ -79,7 +79,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
             # fresh or preempted: reuse whatever prefix is cached (not when prompt logprobs need every position)
-            if seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None:
+            looked_up = seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None
+            if looked_up:
                 seq.num_computed_tokens = seq.num_cached_tokens = self.kv.match_prefix(
                     seq.seq_id, seq.token_ids
                 )
@@ -88,6 +89,8 @@ class Scheduler:
                 self.kv.free(seq.seq_id)  # give the prefix hits back; try again next step
                 seq.num_computed_tokens = 0
                 break
+            if looked_up:
+                self.kv.record_prefix_lookup(seq.num_tokens, seq.num_cached_tokens)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

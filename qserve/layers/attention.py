@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qserve.kernels.attention import KVLayout, paged_attention_cpu, paged_attention_ref, store_kv
+from qserve.kernels.attention import KVLayout, paged_attention_cpu, store_kv
 
 
 @dataclass
@@ -24,7 +24,6 @@ class AttentionMetadata:
     query_start_loc: list[int]  # B + 1: row offsets of each sequence's queries in the packed batch
     num_decodes: int
     kv_layout: KVLayout
-    use_reference: bool = False
     # device copies for the Triton kernels (CUDA only; None on CPU)
     seq_lens_tensor: torch.Tensor | None = None  # (B,) int32
     query_start_loc_tensor: torch.Tensor | None = None  # (B + 1,) int32
@@ -66,17 +65,6 @@ class Attention(nn.Module):
                     max_seq_len=meta.max_decode_seq_len,
                 )
         store_kv(k, v, kv_cache, meta.slot_mapping, meta.kv_layout)
-        if meta.use_reference:
-            return paged_attention_ref(
-                q,
-                kv_cache,
-                meta.block_tables,
-                meta.seq_lens,
-                meta.query_start_loc,
-                self.scale,
-                meta.kv_layout,
-                self.sliding_window,
-            )
         return paged_attention_cpu(
             q,
             kv_cache,

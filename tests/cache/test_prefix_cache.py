@@ -11,6 +11,7 @@ def publish(kv: KVCacheManager, seq_id: int, tokens: list[int]) -> list[int]:
     """Admit a sequence, allocate all its tokens and mark them computed."""
     cached = kv.match_prefix(seq_id, tokens)
     assert kv.allocate_slots(seq_id, len(tokens)) is not None
+    kv.record_prefix_lookup(len(tokens), cached)  # as the scheduler does once a sequence is admitted
     kv.cache_full_blocks(seq_id, tokens, len(tokens))
     return [cached, *kv.get_block_table(seq_id)]
 
@@ -21,6 +22,7 @@ def test_hit_shares_blocks_and_counts_refs() -> None:
     assert publish(kv, 1, a) == [0, 0, 1, 2]
     b = list(range(8)) + [99, 98, 97]  # same first two blocks
     assert kv.match_prefix(2, b) == 8
+    kv.record_prefix_lookup(len(b), 8)
     assert kv.get_block_table(2) == [0, 1]
     assert kv.pool.ref_counts[:3] == [2, 2, 1]
     assert kv.allocate_slots(2, len(b)) == [3]
