@@ -213,6 +213,10 @@ def serve(
     shutdown_timeout: Annotated[
         int, typer.Option(help="Seconds in-flight requests get to finish after SIGTERM.")
     ] = 30,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch threads of the engine process (default on CPU: every core but one)."),
+    ] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, models, health, metrics)."""
     from qserve.server.launch import ServeOptions, run_server
@@ -233,6 +237,7 @@ def serve(
             api_key=api_key,
             served_model_name=served_model_name,
             shutdown_timeout=shutdown_timeout,
+            threads=threads,
         )
     )
 

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from qserve.config import resolve_model_path
 from qserve.engine.llm_engine import LLMEngine
-from qserve.server.engine_thread import EngineThread
+from qserve.server.engine_thread import EngineClient, EngineThread
 from qserve.server.metrics import ServerMetrics
 from qserve.server.protocol import (
     APIError,
@@ -39,21 +39,23 @@ MAX_BODY_BYTES = 4 << 20
 
 
 def create_app(
-    engine: LLMEngine,
+    engine: LLMEngine | EngineClient,
     *,
     served_model_name: str,
     api_key: str | None = None,
     max_queue: int = 256,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
-    """An app serving ``engine``; it starts the engine thread on startup and stops it (aborting whatever
-    still runs) on shutdown. ``app.state.engine_thread.begin_drain()`` makes it refuse new work (503)."""
-    thread = EngineThread(engine, max_queue)
+    """An app serving ``engine``: an LLMEngine (run on a thread of this process) or a started
+    `EngineProcess`. The app starts the engine on startup and stops it (aborting whatever still runs) on
+    shutdown. ``app.state.engine_thread.begin_drain()`` makes it refuse new work (503)."""
+    thread: EngineClient = EngineThread(engine, max_queue) if isinstance(engine, LLMEngine) else engine
+    info = thread.info
     metrics = ServerMetrics(lambda: thread.snapshot)
-    # the HTTP side's own tokenizer copy: the engine thread's detokenizers never share one with it
-    tokenizer = load_tokenizer(resolve_model_path(engine.config.model))
+    # the HTTP side's own tokenizer copy: the engine's detokenizers never share one with it
+    tokenizer = load_tokenizer(resolve_model_path(info.model))
     serving = OpenAIServing(
-        thread, tokenizer, served_model_name, engine.max_model_len, engine.model_config.vocab_size, metrics
+        thread, tokenizer, served_model_name, info.max_model_len, info.vocab_size, metrics
     )
     key = api_key.encode() if api_key else None
     created = int(time.time())
@@ -127,8 +129,8 @@ def create_app(
             "object": "model",
             "created": created,
             "owned_by": "qserve",
-            "root": engine.config.model,
-            "max_model_len": engine.max_model_len,
+            "root": info.model,
+            "max_model_len": info.max_model_len,
         }
         return {"object": "list", "data": [card]}
 

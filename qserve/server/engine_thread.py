@@ -1,4 +1,4 @@
-"""The LLMEngine in its own thread, so the asyncio loop never waits on a model step.
+"""The LLMEngine in a thread of the server process (the in-process alternative to `EngineProcess`).
 
 The HTTP side talks to it only through a lock-guarded inbox of ``add``/``abort`` commands; the thread
 drains the inbox, runs ``engine.step()``, and hands each request's progress to its asyncio queue with one
@@ -15,16 +15,16 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qserve.errors import QServeError
+from qserve.server.engine_core import SNAPSHOT_INTERVAL, EngineInfo
 from qserve.types import RequestOutput, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from qserve.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("qserve.server")
-SNAPSHOT_INTERVAL = 0.2  # seconds between metric snapshots while busy (always one on going idle)
 
 
 class QueueFullError(Exception):
@@ -61,10 +61,31 @@ class Delta:
     error: str | None = None
 
 
+class Aborter(Protocol):
+    def abort(self, request_ids: list[str]) -> None: ...
+
+
+class EngineClient(Protocol):
+    """What the HTTP side uses of an engine it runs beside: `EngineThread` or `EngineProcess`."""
+
+    snapshot: dict[str, Any]
+    draining: bool
+
+    @property
+    def info(self) -> EngineInfo: ...
+    def start(self) -> EngineInfo: ...
+    def is_alive(self) -> bool: ...
+    def num_queued(self) -> int: ...
+    def submit(self, requests: list[EngineRequest]) -> RequestGroup: ...
+    def abort(self, request_ids: list[str]) -> None: ...
+    def begin_drain(self, grace: float | None = None) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+
 class RequestGroup:
     """The engine requests behind one HTTP request (n choices x prompts), sharing one asyncio queue."""
 
-    def __init__(self, owner: EngineThread, requests: list[EngineRequest]):
+    def __init__(self, owner: Aborter, requests: list[EngineRequest]):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.requests = requests
@@ -102,6 +123,9 @@ class EngineThread:
 
     def __init__(self, engine: LLMEngine, max_queue: int):
         self.engine = engine
+        self.info = EngineInfo(
+            engine.config.model, engine.max_model_len, engine.model_config.vocab_size, plan=[]
+        )
         self.max_queue = max_queue
         self.draining = False
         self.snapshot: dict[str, Any] = engine.metrics()
@@ -116,8 +140,10 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name="qserve-engine", daemon=True)
 
     # ------------------------------------------------------------------ any thread
-    def start(self) -> None:
-        self._thread.start()
+    def start(self) -> EngineInfo:
+        if not self._thread.is_alive():
+            self._thread.start()
+        return self.info
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -230,7 +256,7 @@ class EngineThread:
             with self._lock:
                 self._pending_adds -= added
                 self._waiting = len(engine.scheduler.waiting)
-        self._deliver(failed)
+        deliver(failed)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         batch: list[tuple[RequestGroup, Delta]] = []
@@ -255,7 +281,7 @@ class EngineThread:
             if out.finished:
                 del self._groups[out.request_id]
             batch.append((group, d))
-        self._deliver(batch)
+        deliver(batch)
 
     def _abort_all(self, reason: str, error: str | None = None) -> None:
         batch = []
@@ -267,16 +293,17 @@ class EngineThread:
         self._groups.clear()
         with self._lock:
             self._waiting = len(self.engine.scheduler.waiting)
-        self._deliver(batch)
+        deliver(batch)
 
-    @staticmethod
-    def _deliver(batch: list[tuple[RequestGroup, Delta]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestGroup, Delta]]] = defaultdict(list)
-        for group, d in batch:
-            by_loop[group.loop].append((group, d))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-                loop.call_soon_threadsafe(_put_all, items)
+
+def deliver(batch: list[tuple[RequestGroup, Delta]]) -> None:
+    """Hand deltas to their groups' queues from another thread: one call_soon_threadsafe per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestGroup, Delta]]] = defaultdict(list)
+    for group, d in batch:
+        by_loop[group.loop].append((group, d))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            loop.call_soon_threadsafe(_put_all, items)
 
 
 def _put_all(items: list[tuple[RequestGroup, Delta]]) -> None:

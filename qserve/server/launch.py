@@ -12,12 +12,15 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from qserve.errors import QServeError
-from qserve.utils import format_size, parse_size
+from qserve.utils import parse_size
+
+if TYPE_CHECKING:
+    from qserve.config import EngineConfig
 
 logger = logging.getLogger("qserve.server")
 
@@ -38,6 +41,7 @@ class ServeOptions:
     api_key: str | None = None
     served_model_name: str | None = None
     shutdown_timeout: int = 30  # seconds
+    threads: int | None = None  # torch threads of the engine process; None: every core but one on CPU
 
 
 def device_memory(device: str) -> int:
@@ -86,31 +90,6 @@ def kv_budget(opts: ServeOptions) -> tuple[int | None, int | None]:
     return p.kv_cache_bytes, p.max_num_seqs if auto else None
 
 
-def weight_bytes(model: Any) -> int:
-    """Bytes of the loaded weights: parameters and persistent buffers (packed quantized weights, scales),
-    tied tensors counted once."""
-    seen: set[int] = set()
-    total = 0
-    for t in model.state_dict(keep_vars=True).values():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-def plan_lines(engine: Any, max_queue: int) -> list[str]:
-    spec, kv = engine.kv_spec, engine.kv
-    cfg = engine.model_config
-    return [
-        f"model         {engine.config.model} ({cfg.architecture}, {engine.dtype_name}) on {engine.device}",
-        f"weights       {format_size(weight_bytes(engine.model))}",
-        f"kv cache      {spec.dtype}, {spec.bytes_per_token} B/token, "
-        f"{format_size(kv.capacity_tokens * spec.bytes_per_token)} = {kv.capacity_tokens} tokens",
-        f"capacity      {kv.capacity_tokens // engine.max_model_len} sequences at max_model_len {engine.max_model_len}",
-        f"max_num_seqs  {engine.scheduler.max_num_seqs}, max_queue {max_queue}",
-    ]
-
-
 def check_port(host: str, port: int) -> None:
     """Fail fast, before loading a model, when the address is taken."""
     try:
@@ -126,14 +105,13 @@ def check_port(host: str, port: int) -> None:
             raise QServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def run_server(opts: ServeOptions) -> None:
-    """Validate the flags (before anything slow is imported), build the engine, print the plan, serve."""
+def engine_config(opts: ServeOptions) -> EngineConfig:
+    """Validate the engine flags and size the KV cache (through the planner on --memory-budget): the config
+    `serve` builds its engine with. Nothing slow is imported; each cluster replica calls it on its own device."""
     from qserve.config import EngineConfig, resolve_model_path
 
     if opts.max_queue < 1:
         raise QServeError(f"--max-queue must be at least 1, got {opts.max_queue}")
-    if not 1 <= opts.port <= 65535:
-        raise QServeError(f"--port must be in 1..65535, got {opts.port}")
     extra: dict[str, Any] = {}
     if opts.max_num_seqs != "auto":
         if not opts.max_num_seqs.isdigit() or int(opts.max_num_seqs) < 1:
@@ -147,13 +125,7 @@ def run_server(opts: ServeOptions) -> None:
     kv_memory, planned_seqs = kv_budget(opts)
     if planned_seqs is not None:
         extra["max_num_seqs"] = planned_seqs
-    check_port(opts.host, opts.port)
-
-    from qserve.engine.llm_engine import LLMEngine
-    from qserve.server.app import create_app
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = EngineConfig(
+    return EngineConfig(
         model=opts.model,
         device=opts.device,
         dtype=opts.dtype,
@@ -162,10 +134,27 @@ def run_server(opts: ServeOptions) -> None:
         max_model_len=opts.max_model_len,
         **extra,
     )
-    engine = LLMEngine(config)
+
+
+def run_server(opts: ServeOptions) -> None:
+    """Validate the flags (before anything slow is imported), build the engine, print the plan, serve."""
+    if not 1 <= opts.port <= 65535:
+        raise QServeError(f"--port must be in 1..65535, got {opts.port}")
+    config = engine_config(opts)
+    check_port(opts.host, opts.port)
+
+    from qserve.server.app import create_app
+    from qserve.server.engine_process import EngineProcess, default_threads
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if opts.threads is not None and opts.threads < 1:
+        raise QServeError(f"--threads must be at least 1, got {opts.threads}")
+    threads = opts.threads if opts.threads is not None else default_threads(opts.device)
+    engine = EngineProcess(config, opts.max_queue, threads)
+    info = engine.start()
     name = opts.served_model_name or opts.model
     print("qserve serve: sized itself with this plan", flush=True)
-    for line in plan_lines(engine, opts.max_queue):
+    for line in info.plan:
         print("  " + line, flush=True)
     app = create_app(engine, served_model_name=name, api_key=opts.api_key, max_queue=opts.max_queue)
     print(f"  serving '{name}' on http://{opts.host}:{opts.port}/v1", flush=True)

@@ -21,8 +21,8 @@ from starlette.types import Receive, Scope, Send
 from qserve.server.engine_thread import (
     Delta,
     DrainingError,
+    EngineClient,
     EngineRequest,
-    EngineThread,
     QueueFullError,
     RequestGroup,
 )
@@ -63,10 +63,29 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, bool]:
+    """The text a chat renders to, and whether the tokenizer's chat template made it (then the text carries
+    its own special tokens). Without a template: a plain ``role: content`` transcript ending in
+    ``assistant:``, which the model can continue."""
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja raises TemplateError (e.g. roles out of order) and friends
+            raise APIError(400, f"chat template error: {e}", param="messages") from None
+        return str(text), True
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", False
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """A chat's prompt token ids (see chat_text)."""
+    text, templated = chat_text(tokenizer, messages)
+    return list(tokenizer.encode(text, add_special_tokens=not templated))
+
+
 class OpenAIServing:
     def __init__(
         self,
-        thread: EngineThread,
+        thread: EngineClient,
         tokenizer: Any,
         served_model_name: str,
         max_model_len: int,
@@ -200,16 +219,7 @@ class OpenAIServing:
         return JSONResponse({**head, "choices": out, "usage": usage(len(ids), completion)})
 
     def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            try:
-                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # jinja raises TemplateError (e.g. roles out of order) and friends
-                raise APIError(400, f"chat template error: {e}", param="messages") from None
-            return list(tok.encode(str(text), add_special_tokens=False))
-        # no template: a plain transcript the model can continue
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return list(tok.encode(text))
+        return render_chat(self.tokenizer, messages)
 
     # ------------------------------------------------------------------ running a group
     def _finish(self, c: Choice, d: Delta, arrival: float) -> None:

@@ -1,0 +1,35 @@
+"""The start-up plan `qserve serve` prints: what the engine actually allocated, in the planner's terms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qserve.utils import format_size
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of the loaded weights: parameters and persistent buffers (packed quantized weights, scales),
+    tied tensors counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in model.state_dict(keep_vars=True).values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def plan_lines(engine: Any, max_queue: int, threads: int | None = None) -> list[str]:
+    spec, kv = engine.kv_spec, engine.kv
+    cfg = engine.model_config
+    device = str(engine.device)
+    if threads is not None:
+        device += f", {threads} thread{'s' if threads > 1 else ''}"
+    return [
+        f"model         {engine.config.model} ({cfg.architecture}, {engine.dtype_name}) on {device}",
+        f"weights       {format_size(weight_bytes(engine.model))}",
+        f"kv cache      {spec.dtype}, {spec.bytes_per_token} B/token, "
+        f"{format_size(kv.capacity_tokens * spec.bytes_per_token)} = {kv.capacity_tokens} tokens",
+        f"capacity      {kv.capacity_tokens // engine.max_model_len} sequences at max_model_len {engine.max_model_len}",
+        f"max_num_seqs  {engine.scheduler.max_num_seqs}, max_queue {max_queue}",
+    ]
