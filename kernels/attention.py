@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qserve.kernels.kv_quant import gather_kv_quant, store_kv_quant
+from qserve.kernels.kv_quant import dequantize_rows, store_kv_quant
 
 
 @dataclass(frozen=True)
@@ -46,28 +46,43 @@ def store_kv(
     flat[1].index_copy_(1, slot_mapping, v.transpose(0, 1).to(kv_cache.dtype))
 
 
+def block_rows(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Row ids of the blocks in ``block_tables`` (B, nblk), for every K/V head, in the cache viewed as
+    (2 Hkv num_blocks, block_row): (2 Hkv B nblk,) int64, ordered (K/V head, sequence, block).
+
+    One flat gather over the outermost dimension copies whole contiguous rows (2-2.5x faster on CPU than
+    index_select along the block dimension of a (2 Hkv, num_blocks, row) view)."""
+    heads, nb = kv_cache.shape[0] * kv_cache.shape[1], kv_cache.shape[2]
+    offsets = torch.arange(heads, device=block_tables.device)[:, None] * nb  # (2 Hkv, 1)
+    return (offsets + block_tables.reshape(1, -1).long()).reshape(-1)
+
+
 def gather_kv(
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_len: int,
     layout: KVLayout | None = None,
     dtype: torch.dtype | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Keys and values of sequences sharing a block-table width: (2, Hkv, B, seq_len, D).
 
     block_tables: (B, nblk) with nblk * block_size >= seq_len; positions past a sequence's own length
     hold stale data and must be masked by the caller. Quantized caches come back dequantized to ``dtype``.
+    ``rows``: `block_rows(kv_cache, block_tables)` when the caller already has it.
     """
+    b, nblk = block_tables.shape
+    hkv = kv_cache.shape[1]
+    if rows is None:
+        rows = block_rows(kv_cache, block_tables)
+    flat = kv_cache.reshape(2 * hkv * kv_cache.shape[2], -1)  # (2 Hkv nb, block_row): a view
+    picked = flat.index_select(0, rows)  # (2 Hkv B nblk, block_row): one copy
     if layout is not None and layout.bits:
         assert dtype is not None
-        return gather_kv_quant(
-            kv_cache, block_tables, seq_len, layout.block_size, layout.head_dim, layout.bits, dtype
-        )
-    _, hkv, nb, bs, d = kv_cache.shape
-    b, nblk = block_tables.shape
-    flat = kv_cache.view(2 * hkv, nb, bs * d)
-    kv = flat.index_select(1, block_tables.reshape(-1).long())  # (2 Hkv, B nblk, bs D): one copy
-    return kv.view(2, hkv, b, nblk * bs, d)[:, :, :, :seq_len]
+        kv = dequantize_rows(picked, b, nblk, hkv, layout.block_size, layout.head_dim, layout.bits, dtype)
+    else:
+        kv = picked.view(2, hkv, b, nblk * kv_cache.shape[3], kv_cache.shape[4])
+    return kv[:, :, :, :seq_len]
 
 
 def _causal_mask(q_len: int, seq_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
@@ -117,6 +132,35 @@ def paged_attention_ref(
     return out
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """What CPU decode attention needs about a step's decode sequences, the same in every layer: built once
+    per step (`decode_plan`) and reused by each layer through the metadata's plan cache."""
+
+    nblk: int  # blocks of the longest sequence: everyone is gathered to this width
+    rows: torch.Tensor  # (2 Hkv B nblk,) int64: `block_rows` of the decode block tables
+    bias: torch.Tensor  # (B, 1, nblk * block_size) float32: 0 where a key is attended, -inf elsewhere
+
+
+def decode_plan(
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
+    block_size: int,
+    sliding_window: int | None = None,
+) -> DecodePlan:
+    nblk = (max(seq_lens) + block_size - 1) // block_size
+    max_len = nblk * block_size  # whole blocks: the gathered K/V stay contiguous, so matmul reads them in place
+    lens = torch.tensor(seq_lens, device=kv_cache.device)[:, None]  # (B, 1)
+    kpos = torch.arange(max_len, device=kv_cache.device)[None, :]  # (1, L)
+    masked = kpos >= lens
+    if sliding_window is not None:
+        masked |= kpos < lens - sliding_window
+    bias = torch.zeros(masked.shape, device=kv_cache.device).masked_fill_(masked, float("-inf"))
+    rows = block_rows(kv_cache, block_tables[:, :nblk])
+    return DecodePlan(nblk, rows, bias[:, None, :])
+
+
 def decode_attention_cpu(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -125,27 +169,24 @@ def decode_attention_cpu(
     scale: float,
     layout: KVLayout,
     sliding_window: int | None = None,
+    plan: DecodePlan | None = None,
 ) -> torch.Tensor:
     """One query per sequence, all sequences in one batched matmul pair. q: (B, Hq, D) -> (B, Hq, D).
 
-    The query heads of a KV group ride along the query axis, so GQA needs no K/V repeat.
+    The query heads of a KV group ride along the query axis, so GQA needs no K/V repeat. ``plan``: this
+    step's `decode_plan` when the caller shares one between layers.
     """
     b, hq, d = q.shape
     hkv, bs = kv_cache.shape[1], layout.block_size
     group = hq // hkv
-    nblk = (max(seq_lens) + bs - 1) // bs
-    max_len = nblk * bs  # whole blocks: the gathered K/V stay contiguous, so matmul reads them in place
-    kv = gather_kv(kv_cache, block_tables[:, :nblk], max_len, layout, q.dtype).to(
-        q.dtype
-    )  # (2, Hkv, B, L, D)
+    if plan is None:
+        plan = decode_plan(kv_cache, block_tables, seq_lens, bs, sliding_window)
+    max_len = plan.nblk * bs
+    kv = gather_kv(kv_cache, block_tables[:, : plan.nblk], max_len, layout, q.dtype, rows=plan.rows)
+    kv = kv.to(q.dtype)  # (2, Hkv, B, L, D)
     qh = q.view(b, hkv, group, d).transpose(0, 1)  # (Hkv, B, G, D)
     scores = torch.matmul(qh, kv[0].transpose(-1, -2)).float()  # (Hkv, B, G, L)
-    lens = torch.tensor(seq_lens, device=q.device)[:, None]  # (B, 1)
-    kpos = torch.arange(max_len, device=q.device)[None, :]  # (1, L)
-    masked = kpos >= lens
-    if sliding_window is not None:
-        masked |= kpos < lens - sliding_window
-    scores.mul_(scale).masked_fill_(masked[None, :, None, :], float("-inf"))
+    scores.mul_(scale).add_(plan.bias)  # bias (B, 1, L) masks keys past each length
     probs = scores.softmax(-1).to(q.dtype)
     out = torch.matmul(probs, kv[1])  # (Hkv, B, G, D)
     return out.transpose(0, 1).reshape(b, hq, d)
@@ -162,26 +203,29 @@ def paged_attention_cpu(
     layout: KVLayout,
     sliding_window: int | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    plans: dict[tuple[int, ...], DecodePlan] | None = None,
 ) -> torch.Tensor:
     """The same contract as `paged_attention_ref`, organised for speed on CPU.
 
     The first ``num_decodes`` sequences have query_len 1 and run batched (`decode_attention_cpu`). The rest
     run one SDPA each; a prefill with no earlier context reads the fresh ``new_kv`` (T, Hkv, D) instead of
     gathering from the cache, when the cache stores exactly those values (same dtype: not for int8/int4 or a
-    cast, where reading back is what makes a prefix computed now equal to one reused later).
+    cast, where reading back is what makes a prefix computed now equal to one reused later). ``plans``: a
+    dict that lives for one step, in which the first layer leaves its `DecodePlan` for the others.
     """
     hq, bs = q.shape[1], layout.block_size
     group = hq // kv_cache.shape[1]
     out = torch.empty_like(q)
     if num_decodes:
+        tables, lens = block_tables[:num_decodes], seq_lens[:num_decodes]
+        plan = None
+        if plans is not None:  # layers of one step share block tables: one plan per cache shape and window
+            key = (*kv_cache.shape, sliding_window or 0)
+            plan = plans.get(key)
+            if plan is None:
+                plan = plans[key] = decode_plan(kv_cache, tables, lens, bs, sliding_window)
         out[:num_decodes] = decode_attention_cpu(
-            q[:num_decodes],
-            kv_cache,
-            block_tables[:num_decodes],
-            seq_lens[:num_decodes],
-            scale,
-            layout,
-            sliding_window,
+            q[:num_decodes], kv_cache, tables, lens, scale, layout, sliding_window, plan
         )
     for i in range(num_decodes, len(seq_lens)):
         s, e = query_start_loc[i], query_start_loc[i + 1]

@@ -82,21 +82,18 @@ def store_kv_quant(
         zeros[i][:, blk, off] = z
 
 
-def gather_kv_quant(
-    kv_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_len: int,
+def dequantize_rows(
+    rows: torch.Tensor,
+    b: int,
+    nblk: int,
+    hkv: int,
     block_size: int,
     head_dim: int,
     bits: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Dequantized keys and values for sequences sharing a table width: (2, Hkv, B, seq_len, D)."""
-    _, hkv, nb, nbytes = kv_cache.shape
-    b, nblk = block_tables.shape
-    rows = kv_cache.view(2 * hkv, nb, nbytes).index_select(
-        1, block_tables.reshape(-1).long()
-    )  # (2Hkv, B nblk, bytes)
+    """Gathered quantized block rows (2 Hkv B nblk, block_bytes), ordered (K/V head, sequence, block) ->
+    keys and values (2, Hkv, B, nblk * block_size, D) in ``dtype``."""
     values, scales, zeros = _split(rows, block_size, head_dim, bits)
-    x = dequantize(values, scales, zeros, bits, dtype)  # (2Hkv, B nblk, bs, D)
-    return x.view(2, hkv, b, nblk * block_size, head_dim)[:, :, :, :seq_len]
+    x = dequantize(values, scales, zeros, bits, dtype)  # (2 Hkv B nblk, bs, D)
+    return x.view(2, hkv, b, nblk * block_size, head_dim)

@@ -17,7 +17,7 @@ from qserve.config import ModelConfig
 from qserve.layers.attention import Attention, AttentionMetadata
 from qserve.layers.linear import make_linear
 from qserve.layers.norm import RMSNorm
-from qserve.layers.rotary import RotaryEmbedding
+from qserve.layers.rotary import RopeTables, RotaryEmbedding
 
 if TYPE_CHECKING:
     from qserve.kernels.packing import QuantSpec
@@ -55,17 +55,18 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
+        self, rope: RopeTables, x: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
     ) -> torch.Tensor:
-        t = x.shape[0]
+        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # (T, q_size + 2 kv_size)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)  # (T, Hq, D)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, hkv, d)  # (T, Hkv, D)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.rotary.rotate(self.q_norm(q.reshape(t, hq, d)), rope)  # (T, Hq, D)
+            k = self.rotary.rotate(self.k_norm(k.reshape(t, hkv, d)), rope)  # (T, Hkv, D)
+        else:  # queries and keys rotate in one pass: (T, Hq + Hkv, D)
+            qk = self.rotary.rotate(qkv[:, : self.q_size + self.kv_size].view(t, hq + hkv, d), rope)
+            q, k = qk.split([hq, hkv], dim=1)
         o = self.attn(q, k, v, meta, kv_cache)  # (T, Hq, D)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -98,9 +99,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, quant, dtype, device)
 
     def forward(
-        self, positions: torch.Tensor, h: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
+        self, rope: RopeTables, h: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
     ) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), meta, kv_cache)
+        h = h + self.self_attn(rope, self.input_layernorm(h), meta, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -110,6 +111,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.weight.requires_grad_(False)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope, device)
+        self.rotary = rotary
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, rotary, quant, dtype, device) for _ in range(cfg.num_layers)
         )
@@ -142,8 +144,9 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)  # (T, hidden)
+        rope = self.model.rotary.tables(positions, h.dtype)  # once per step, shared by every layer
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            h = layer(positions, h, meta, kv_cache)
+            h = layer(rope, h, meta, kv_cache)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

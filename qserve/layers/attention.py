@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from qserve.kernels.attention import KVLayout, paged_attention_cpu, store_kv
+from qserve.kernels.attention import DecodePlan, KVLayout, paged_attention_cpu, store_kv
 
 
 @dataclass
@@ -27,7 +27,9 @@ class AttentionMetadata:
     # device copies for the Triton kernels (CUDA only; None on CPU)
     seq_lens_tensor: torch.Tensor | None = None  # (B,) int32
     query_start_loc_tensor: torch.Tensor | None = None  # (B + 1,) int32
-    max_decode_seq_len: int = 1  # tests: run the pure-torch reference instead of the fast path
+    max_decode_seq_len: int = 1  # the longest decode context: sizes the Triton decode split (CUDA)
+    # CPU: the decode gather rows and mask, built by the first layer and reused by the rest of this step
+    cpu_plans: dict[tuple[int, ...], DecodePlan] = field(default_factory=dict)
 
 
 class Attention(nn.Module):
@@ -76,4 +78,5 @@ class Attention(nn.Module):
             meta.kv_layout,
             self.sliding_window,
             new_kv=(k, v),
+            plans=meta.cpu_plans,
         )

@@ -9,6 +9,8 @@ from torch import nn
 
 from qserve.config import RopeConfig
 
+RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, signed sin at a step's positions: (T, 1, rot) each
+
 
 def rope_inv_freq(rope: RopeConfig, rot_dim: int) -> torch.Tensor:
     """Inverse frequencies (rot_dim // 2,) in float32 for default, linear and llama3 RoPE."""
@@ -31,33 +33,39 @@ def rope_inv_freq(rope: RopeConfig, rot_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to packed (T, H, D) queries and keys at explicit positions."""
+    """RoPE for packed (T, H, D) queries and keys at explicit positions.
+
+    A step looks its positions' cos/sin up once (`tables`) and every layer applies them (`rotate`): the
+    lookup is the same in all layers. The sine table carries rotate-half's sign, so rotating is
+    ``x * cos + roll(x, half) * sin_signed``: bit-identical to ``x * cos + rotate_half(x) * sin``.
+    """
 
     cos: torch.Tensor  # (max_positions, rot_dim) float32
-    sin: torch.Tensor
+    sin: torch.Tensor  # (max_positions, rot_dim) float32, first half negated
 
     def __init__(
         self, head_dim: int, max_positions: int, rope: RopeConfig, device: torch.device | None = None
     ):
         super().__init__()
         self.rot_dim = int(head_dim * rope.partial_rotary_factor)
+        self.head_dim = head_dim
         inv_freq = rope_inv_freq(rope, self.rot_dim).to(device)
         freqs = torch.arange(max_positions, device=device).float()[:, None] * inv_freq[None, :]  # (P, rot/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (P, rot)
+        half = self.rot_dim // 2
+        sign = torch.cat((-torch.ones(half, device=device), torch.ones(half, device=device)))  # (rot,)
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin", emb.sin() * sign, persistent=False)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype)[:, None, :]  # (T, 1, rot)
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return _apply(q, cos, sin, self.rot_dim), _apply(k, cos, sin, self.rot_dim)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """cos and signed sin of ``positions`` (T,): two (T, 1, rot_dim) tensors in ``dtype``."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
 
-
-def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: int) -> torch.Tensor:
-    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
-    half = rot_dim // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos + rotated * sin
-    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+    def rotate(self, x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
+        """x (T, H, D) -> x rotated (a new tensor); queries and keys may go through in one call."""
+        cos, sin = tables
+        if self.rot_dim == self.head_dim:
+            return x * cos + x.roll(self.rot_dim // 2, dims=-1) * sin
+        rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim :]
+        out = rot * cos + rot.roll(self.rot_dim // 2, dims=-1) * sin
+        return torch.cat((out, rest), dim=-1)
