@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,26 +166,32 @@ async def drive(url: str, prompts: list[list[int]], out_len: int, concurrency: i
     }
 
 
-def run_server(
-    name: str, model: Path, prompts: list[list[int]], out_len: int, concurrency: int
-) -> dict[str, Any]:
-    cmd, env = server_cmd(name, model)
+@contextlib.contextmanager
+def server_process(cmd: list[str], env: dict[str, str], log: Path, url: str) -> Iterator[float]:
+    """Run a server command (output to ``log``) until it answers /health at ``url``; yields the start-up
+    seconds; SIGTERM (then kill) on the way out. Also used by bench/compare.py."""
     OUT.mkdir(parents=True, exist_ok=True)
-    log = OUT / f"serve_{name}.log"
-    url = f"http://127.0.0.1:{PORT}"
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
-        startup = wait_ready(proc, url, log)
-        res = asyncio.run(drive(url, prompts, out_len, concurrency))
-        res["startup_s"] = startup
-        return res
+        yield wait_ready(proc, url, log)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(120)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def run_server(
+    name: str, model: Path, prompts: list[list[int]], out_len: int, concurrency: int
+) -> dict[str, Any]:
+    cmd, env = server_cmd(name, model)
+    url = f"http://127.0.0.1:{PORT}"
+    with server_process(cmd, env, OUT / f"serve_{name}.log", url) as startup:
+        res = asyncio.run(drive(url, prompts, out_len, concurrency))
+    res["startup_s"] = startup
+    return res
 
 
 def main() -> None:

@@ -150,7 +150,9 @@ def decode_plan(
     sliding_window: int | None = None,
 ) -> DecodePlan:
     nblk = (max(seq_lens) + block_size - 1) // block_size
-    max_len = nblk * block_size  # whole blocks: the gathered K/V stay contiguous, so matmul reads them in place
+    max_len = (
+        nblk * block_size
+    )  # whole blocks: the gathered K/V stay contiguous, so matmul reads them in place
     lens = torch.tensor(seq_lens, device=kv_cache.device)[:, None]  # (B, 1)
     kpos = torch.arange(max_len, device=kv_cache.device)[None, :]  # (1, L)
     masked = kpos >= lens

@@ -246,6 +246,10 @@ from qserve.cli_convert import convert_command  # noqa: E402 (registered after t
 
 app.command("convert")(user_errors(convert_command))
 
+from qserve.bench.cli import bench_command  # noqa: E402
+
+app.command("bench")(user_errors(bench_command))
+
 
 def main() -> None:
     app()

@@ -1,0 +1,118 @@
+"""EngineProcess: the engine in a spawned process, driven the way the HTTP side drives it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from qserve import LLM, SamplingParams
+from qserve.config import EngineConfig
+from qserve.errors import QServeError
+from qserve.server.engine_process import EngineProcess, default_threads
+from qserve.server.engine_thread import Delta, DrainingError, EngineRequest, QueueFullError
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+async def run_group(proc: EngineProcess, reqs: list[EngineRequest]) -> list[list[Delta]]:
+    group = proc.submit(reqs)
+    got: list[list[Delta]] = [[] for _ in reqs]
+    while not group.done:
+        d = await group.next()
+        got[d.index].append(d)
+    return got
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama: Path):  # type: ignore[no-untyped-def]
+    proc = EngineProcess(EngineConfig(model=str(tiny_llama), dtype="float32"), max_queue=4, threads=1)
+    info = proc.start()
+    assert info.model == str(tiny_llama) and info.max_model_len > 0 and info.plan
+    yield proc
+    proc.stop()
+
+
+def test_outputs_match_the_offline_engine(engine: EngineProcess, tiny_llama: Path) -> None:
+    prompts = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 2, 3]]
+    reqs = [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    got = asyncio.run(run_group(engine, reqs))
+    ref = LLM(str(tiny_llama), dtype="float32").generate(prompt_token_ids=prompts, sampling_params=GREEDY)
+    for deltas, r in zip(got, ref, strict=True):
+        assert [t for d in deltas for t in d.token_ids] == r.token_ids
+        assert deltas[-1].finished and deltas[-1].finish_reason == "length"
+        assert deltas[-1].text == r.text and deltas[-1].num_output_tokens == 12
+        assert [d.finished for d in deltas].count(True) == 1
+    assert engine.num_queued() == 0
+    assert engine.snapshot["generation_tokens_total"] >= 24
+
+
+def test_bad_request_fails_alone(engine: EngineProcess) -> None:
+    reqs = [EngineRequest("bad", [10**6], GREEDY), EngineRequest("good", [1, 2], GREEDY)]  # id past vocab
+    bad_deltas, good_deltas = asyncio.run(run_group(engine, reqs))
+    assert bad_deltas[-1].error is not None and "prompt token ids must be in" in bad_deltas[-1].error
+    assert good_deltas[-1].error is None and good_deltas[-1].num_output_tokens == 12
+
+
+def test_queue_bound_and_abort(engine: EngineProcess) -> None:
+    async def go() -> list[Delta]:
+        long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        group = engine.submit([EngineRequest(f"q{i}", [3, 4], long) for i in range(4)])
+        with pytest.raises(QueueFullError):  # 4 queued + 1 > max_queue 4
+            engine.submit([EngineRequest("q-more", [3], long)])
+        first = await group.next()
+        group.interrupt()  # the client went away: abort all four
+        rest = []
+        while True:
+            d = await group.next()
+            rest.append(d)
+            if d.index < 0:
+                return [first, *rest]
+
+    deltas = asyncio.run(go())
+    assert deltas[-1].index == -1 and deltas[-1].finish_reason == "abort"
+    # the engine really dropped them: a new request runs at once and the queue is empty again
+    (only,) = asyncio.run(run_group(engine, [EngineRequest("after", [1], GREEDY)]))
+    assert only[-1].num_output_tokens == 12
+    assert engine.num_queued() == 0
+
+
+def test_start_failure_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    proc = EngineProcess(EngineConfig(model=str(tmp_path)), max_queue=4, threads=1)
+    with pytest.raises(QServeError) as e:
+        proc.start()
+    assert "\n" not in str(e.value).strip() and str(e.value)
+    assert not proc.is_alive()
+
+
+def test_a_dead_engine_fails_what_runs_and_refuses_more(tiny_llama: Path) -> None:
+    proc = EngineProcess(EngineConfig(model=str(tiny_llama), dtype="float32"), max_queue=8, threads=1)
+    info = proc.start()
+
+    async def go() -> Delta:
+        long = SamplingParams(max_tokens=info.max_model_len - 3, temperature=0.0, ignore_eos=True)
+        group = proc.submit([EngineRequest("long", [1, 2, 3], long)])
+        await group.next()
+        proc._proc.kill()  # the engine process dies mid-request
+        while True:
+            d = await group.next()
+            if d.finished:
+                return d
+
+    last = asyncio.run(go())
+    assert last.error is not None and "engine process exited" in last.error
+    assert not proc.is_alive()
+
+    async def late() -> None:
+        proc.submit([EngineRequest("late", [1], GREEDY)])
+
+    with pytest.raises(DrainingError):
+        asyncio.run(late())
+    proc.stop()
+
+
+def test_default_threads_leave_a_core_for_the_server() -> None:
+    assert default_threads("cpu") is not None and default_threads("cpu") >= 1  # type: ignore[operator]
+    assert default_threads("cuda") is None
