@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qserve.kernels.kv_quant import dequantize_rows, store_kv_quant
+from qserve.kernels.kv_quant import dequantize_rows, integer_rows, store_kv_quant
 
 
 @dataclass(frozen=True)
@@ -183,15 +183,38 @@ def decode_attention_cpu(
     group = hq // hkv
     if plan is None:
         plan = decode_plan(kv_cache, block_tables, seq_lens, bs, sliding_window)
-    max_len = plan.nblk * bs
-    kv = gather_kv(kv_cache, block_tables[:, : plan.nblk], max_len, layout, q.dtype, rows=plan.rows)
-    kv = kv.to(q.dtype)  # (2, Hkv, B, L, D)
     qh = q.view(b, hkv, group, d).transpose(0, 1)  # (Hkv, B, G, D)
+    if layout.bits:
+        return _decode_quantized(qh, kv_cache, plan, scale, layout).transpose(0, 1).reshape(b, hq, d)
+    kv = gather_kv(kv_cache, block_tables[:, : plan.nblk], plan.nblk * bs, layout, q.dtype, rows=plan.rows)
+    kv = kv.to(q.dtype)  # (2, Hkv, B, L, D); a no-op unless the cache stores another float dtype
     scores = torch.matmul(qh, kv[0].transpose(-1, -2)).float()  # (Hkv, B, G, L)
     scores.mul_(scale).add_(plan.bias)  # bias (B, 1, L) masks keys past each length
     probs = scores.softmax(-1).to(q.dtype)
     out = torch.matmul(probs, kv[1])  # (Hkv, B, G, D)
     return out.transpose(0, 1).reshape(b, hq, d)
+
+
+def _decode_quantized(
+    qh: torch.Tensor, kv_cache: torch.Tensor, plan: DecodePlan, scale: float, layout: KVLayout
+) -> torch.Tensor:
+    """Decode attention straight from int8/int4 codes: the per-token scale and zero are applied to the
+    scores and probabilities, (Hkv, B, G, L), rather than to every element of K and V, (Hkv, B, L, D).
+    qh: (Hkv, B, G, D) -> (Hkv, B, G, D)."""
+    hkv, b = qh.shape[0], qh.shape[1]
+    rows = kv_cache.reshape(-1, kv_cache.shape[-1]).index_select(0, plan.rows)  # (2 Hkv B nblk, bytes)
+    codes, scales, zeros = integer_rows(
+        rows, b, plan.nblk, hkv, layout.block_size, layout.head_dim, layout.bits, qh.dtype
+    )  # (2, Hkv, B, L, D), (2, Hkv, B, L) x 2
+    raw = torch.matmul(qh, codes[0].transpose(-1, -2)).float()  # (Hkv, B, G, L): q . k_codes
+    qsum = qh.float().sum(-1, keepdim=True)  # (Hkv, B, G, 1)
+    scores = raw * scales[0][:, :, None, :] + qsum * zeros[0][:, :, None, :]  # q . (s k + z)
+    scores.mul_(scale).add_(plan.bias)
+    probs = scores.softmax(-1)  # (Hkv, B, G, L) float32
+    weighted = (probs * scales[1][:, :, None, :]).to(qh.dtype)  # p_t s_t
+    out = torch.matmul(weighted, codes[1]).float()  # (Hkv, B, G, D)
+    out += (probs * zeros[1][:, :, None, :]).sum(-1, keepdim=True)  # + sum_t p_t z_t
+    return out.to(qh.dtype)
 
 
 def paged_attention_cpu(

@@ -97,3 +97,32 @@ def dequantize_rows(
     values, scales, zeros = _split(rows, block_size, head_dim, bits)
     x = dequantize(values, scales, zeros, bits, dtype)  # (2 Hkv B nblk, bs, D)
     return x.view(2, hkv, b, nblk * block_size, head_dim)
+
+
+def integer_rows(
+    rows: torch.Tensor,
+    b: int,
+    nblk: int,
+    hkv: int,
+    block_size: int,
+    head_dim: int,
+    bits: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gathered quantized block rows (2 Hkv B nblk, block_bytes), ordered (K/V head, sequence, block), left
+    un-dequantized: the integer codes as ``dtype`` (2, Hkv, B, L, D) (exact: at most 255), and scales and
+    zeros as float32 (2, Hkv, B, L), with L = nblk * block_size.
+
+    For attention that folds the per-token affine map into its own small tensors instead of dequantizing
+    every element: ``q . (s k + z) = s (q . k) + z sum(q)`` and ``sum_t p_t (s_t v_t + z_t) =
+    (p s) @ v + sum_t p_t z_t``.
+    """
+    values, scales, zeros = _split(rows, block_size, head_dim, bits)
+    if bits == 4:
+        values = torch.stack((values & 0xF, values >> 4), dim=-1).flatten(-2)  # (..., bs, D)
+    shape = (2, hkv, b, nblk * block_size)
+    return (
+        values.to(dtype).view(*shape, head_dim),
+        scales.float().reshape(shape),
+        zeros.float().reshape(shape),
+    )
