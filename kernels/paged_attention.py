@@ -1,4 +1,4 @@
-"""Triton paged attention: the public ops, their checks, launch configs, and the decode/prefill dispatch.
+"""Triton paged attention: the public ops, their launch configs, and the decode/prefill dispatch.
 
 Same contract as `qserve.kernels.attention.paged_attention_ref` (the reference) and `store_kv`, on device
 tensors: caches laid out as in `qserve.kernels.attention` (float, (2, Hkv, num_blocks, block_size, D)) or
@@ -7,8 +7,14 @@ tensors: caches laid out as in `qserve.kernels.attention` (float, (2, Hkv, num_b
     store_kv_triton(k, v, kv_cache, slot_mapping, layout)                 # quantize + scatter this step's K/V
     out = paged_attention_triton(q, kv_cache, block_tables, seq_lens, query_start_loc, num_decodes, scale, layout)
 
-The kernels live in `paged_attention_store` / `_decode` / `_prefill` and are imported on first use, so this
-module (and everything importing it) loads without triton. Limits: head_dim a power of two in [16, 256]
+Both run through ``torch.library`` custom ops with fake implementations, so models calling them stay
+``torch.compile``-able (fullgraph): ``torch.ops.qserve.store_kv`` (mutates kv_cache) and
+``torch.ops.qserve.paged_attention`` (returns a new tensor). The ops take plain values: the KVLayout and
+AttentionConfig unpacked into ints.
+
+Input checks live in `paged_attention_checks`. The kernels live in `paged_attention_store` / `_decode` /
+`_prefill` (sharing `_common`'s KV loop) and are imported on first use, so this module (and everything
+importing it) loads without triton. Limits: head_dim a power of two in [16, 256]
 (>= 32 for int4); q fp16/bf16/fp32; float caches fp16/bf16/fp32; CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1 (tests). Launch parameters are untuned defaults until measured on a GPU
 (bench/attention.py sweeps them).
@@ -17,15 +23,19 @@ TRITON_INTERPRET=1 (tests). Launch parameters are untuned defaults until measure
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
 from qserve.kernels.attention import KVLayout
-from qserve.kernels.kv_quant import block_bytes
+from qserve.kernels.paged_attention_checks import (
+    check_attention,
+    check_out,
+    check_runnable,
+    check_store,
+    interpreting,
+)
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_PARTITION = 256  # decode never splits a context into pieces shorter than this (auto mode)
 
 
@@ -69,68 +79,151 @@ def decode_partition(
 
 
 def supports(layout: KVLayout) -> bool:
-    """Whether the Triton kernels take this layout (else use the torch path): `_check_cache`'s limits."""
+    """Whether the Triton kernels take this layout (else use the torch path): the layout limits of
+    `paged_attention_checks`."""
     d = layout.head_dim
     pow2 = 16 <= d <= 256 and not d & (d - 1)
     return pow2 and layout.bits in (0, 4, 8) and (layout.bits != 4 or d >= 32) and layout.block_size >= 1
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+# ----------------------------------------------------------------------------- custom ops
+# Plain-valued signatures (no KVLayout / AttentionConfig): the launch overrides are AttentionConfig's fields,
+# None for the defaults. The fakes run the shape/dtype checks, so bad inputs fail while tracing too.
 
 
-def _check_cache(kv_cache: torch.Tensor, layout: KVLayout, device: torch.device) -> None:
-    bits, d, bs = layout.bits, layout.head_dim, layout.block_size
-    if bits not in (0, 4, 8):
-        raise ValueError(f"KV cache bits must be 0 (float), 8 or 4, got {bits}")
-    if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"head_dim must be a power of two in [16, 256] for the Triton kernels, got {d}")
-    if bits == 4 and d < 32:
-        raise ValueError(f"int4 KV needs head_dim >= 32 for the Triton kernels, got {d}")
-    if bs < 1:
-        raise ValueError(f"block_size must be positive, got {bs}")
-    if bits == 0:
-        if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or tuple(kv_cache.shape[3:]) != (bs, d):
-            raise ValueError(
-                f"float KV cache must be (2, Hkv, num_blocks, {bs}, {d}), got {tuple(kv_cache.shape)}"
-            )
-        if kv_cache.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"float KV cache must be fp16/bf16/fp32, got {kv_cache.dtype}")
-    else:
-        nbytes = block_bytes(bs, d, bits)
-        if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4 or kv_cache.shape[0] != 2:
-            raise ValueError(
-                f"int{bits} KV cache must be uint8 (2, Hkv, num_blocks, {nbytes}), got "
-                f"{kv_cache.dtype} {tuple(kv_cache.shape)}"
-            )
-        if kv_cache.shape[3] != nbytes or kv_cache.stride(2) % 2:
-            raise ValueError(
-                f"int{bits} KV cache rows must be {nbytes} bytes (block_size {bs}, head_dim {d}), "
-                f"got shape {tuple(kv_cache.shape)}"
-            )
-    if kv_cache.stride(-1) != 1:
-        raise ValueError("KV cache's last dimension must be contiguous")
-    if kv_cache.device != device:
-        raise ValueError(f"KV cache on {kv_cache.device} but inputs on {device}")
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(f"Triton paged attention needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+@torch.library.custom_op("qserve::store_kv", mutates_args=("kv_cache",))
+def store_kv_op(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_size: int,
+    head_dim: int,
+    bits: int,
+) -> None:
+    """Scatter k/v (T, Hkv, D) into kv_cache's slots, quantizing for int8/int4 (`store_kv_triton`)."""
+    check_store(k, v, kv_cache, slot_mapping, block_size, head_dim, bits)
+    check_runnable(k.device)
+    from qserve.kernels.paged_attention_store import launch_store_kv
+
+    launch_store_kv(k, v, kv_cache, slot_mapping, block_size, bits)
 
 
-def _check_rows(name: str, x: torch.Tensor, heads: int | None, head_dim: int) -> None:
-    if x.dim() != 3 or x.shape[2] != head_dim or (heads is not None and x.shape[1] != heads):
-        want = f"(T, {heads if heads is not None else 'H'}, {head_dim})"
-        raise ValueError(f"{name} must be {want}, got {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be fp16/bf16/fp32, got {x.dtype}")
-    if x.stride(-1) != 1:
-        raise ValueError(f"{name}'s last dimension must be contiguous")
+@store_kv_op.register_fake
+def _(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_size: int,
+    head_dim: int,
+    bits: int,
+) -> None:
+    check_store(k, v, kv_cache, slot_mapping, block_size, head_dim, bits)
 
 
-def _check_index(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    if tuple(x.shape) != shape or x.dtype not in (torch.int32, torch.int64) or x.device != device:
-        raise ValueError(
-            f"{name} must be int32/int64 {shape} on {device}, got {x.dtype} {tuple(x.shape)} on {x.device}"
+@torch.library.custom_op("qserve::paged_attention", mutates_args=())
+def paged_attention_op(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    num_decodes: int,
+    scale: float,
+    block_size: int,
+    head_dim: int,
+    bits: int,
+    sliding_window: int | None = None,
+    max_seq_len: int | None = None,
+    decode_block_n: int | None = None,
+    prefill_block_m: int | None = None,
+    prefill_block_n: int | None = None,
+    partition_size: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """(T, Hq, D) attention output in q's dtype (`paged_attention_triton`)."""
+    index = (block_tables, seq_lens, query_start_loc)
+    check_attention(q, kv_cache, *index, num_decodes, block_size, head_dim, bits, sliding_window)
+    check_runnable(q.device)
+    cfg = default_config(head_dim, bits)
+    hkv, num_seqs = kv_cache.shape[1], block_tables.shape[0]
+    num_warps = num_warps or cfg.num_warps or 4
+    num_stages = num_stages or cfg.num_stages or 2
+    # under the interpreter (tests) the output starts as NaN, so an element no program writes cannot pass
+    out = torch.full_like(q, float("nan")) if interpreting() else torch.empty_like(q)  # (T, Hq, D)
+    if num_decodes:  # flash-decoding: context split, then a reduction
+        from qserve.kernels.paged_attention_decode import launch_decode
+
+        block_n = decode_block_n or cfg.decode_block_n or 64
+        bound = max_seq_len or block_tables.shape[1] * block_size
+        size, splits = decode_partition(num_decodes, hkv, bound, block_n, q.device, partition_size)
+        launch_decode(
+            q[:num_decodes],
+            out[:num_decodes],
+            kv_cache,
+            block_tables,
+            seq_lens,
+            scale,
+            sliding_window,
+            block_size,
+            bits,
+            size,
+            splits,
+            block_n,
+            num_warps,
+            num_stages,
         )
+    if num_decodes < num_seqs:  # the causal prefill kernel
+        from qserve.kernels.paged_attention_prefill import launch_prefill
+
+        launch_prefill(
+            q[num_decodes:],
+            out[num_decodes:],
+            kv_cache,
+            block_tables[num_decodes:],
+            seq_lens[num_decodes:],
+            query_start_loc[num_decodes:],
+            scale,
+            sliding_window,
+            block_size,
+            bits,
+            prefill_block_m or cfg.prefill_block_m or 64,
+            prefill_block_n or cfg.prefill_block_n or 64,
+            num_warps,
+            num_stages,
+        )
+    return out
+
+
+@paged_attention_op.register_fake
+def _(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    num_decodes: int,
+    scale: float,
+    block_size: int,
+    head_dim: int,
+    bits: int,
+    sliding_window: int | None = None,
+    max_seq_len: int | None = None,
+    decode_block_n: int | None = None,
+    prefill_block_m: int | None = None,
+    prefill_block_n: int | None = None,
+    partition_size: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    index = (block_tables, seq_lens, query_start_loc)
+    check_attention(q, kv_cache, *index, num_decodes, block_size, head_dim, bits, sliding_window)
+    return torch.empty_like(q)
+
+
+# ----------------------------------------------------------------------------- public API
 
 
 def store_kv_triton(
@@ -143,18 +236,9 @@ def store_kv_triton(
     """Write keys/values (T, Hkv, D) into their slots, quantizing for int8/int4; `attention.store_kv` on GPU.
 
     slot_mapping: (T,) int64 (or int32), slot = block * block_size + offset; negative slots are skipped.
-    int8/int4 blocks are bit-identical to `kv_quant.store_kv_quant`'s.
+    int8/int4 blocks are bit-identical to `kv_quant.store_kv_quant`'s. Runs ``torch.ops.qserve.store_kv``.
     """
-    _check_cache(kv_cache, layout, k.device)
-    hkv = kv_cache.shape[1]
-    _check_rows("k", k, hkv, layout.head_dim)
-    _check_rows("v", v, hkv, layout.head_dim)
-    if v.shape != k.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    _check_index("slot_mapping", slot_mapping, (k.shape[0],), k.device)
-    from qserve.kernels.paged_attention_store import launch_store_kv
-
-    launch_store_kv(k, v, kv_cache, slot_mapping, layout.block_size, layout.bits)
+    torch.ops.qserve.store_kv(k, v, kv_cache, slot_mapping, layout.block_size, layout.head_dim, layout.bits)
 
 
 def paged_attention_triton(
@@ -187,76 +271,37 @@ def paged_attention_triton(
         max_seq_len: host upper bound on the decodes' seq_lens (sizes the context split); default
             max_blocks * block_size. Must not be below any decode's seq_len.
         config: launch overrides (tests, tuning).
-        out: optional (T, Hq, D) destination in q's dtype (last dim contiguous); allocated if None.
+        out: optional (T, Hq, D) destination in q's dtype (last dim contiguous), filled with a copy of
+            the op's result; allocated if None.
 
     Returns:
         (T, Hq, D) in q's dtype. Decodes run flash-decoding (context split, then a reduction); the rest
         run the causal prefill kernel, which reads the cache only (call `store_kv_triton` first).
+        Runs ``torch.ops.qserve.paged_attention``.
     """
-    device = q.device
-    _check_cache(kv_cache, layout, device)
-    hkv = kv_cache.shape[1]
-    _check_rows("q", q, None, layout.head_dim)
-    if q.shape[1] % hkv:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({hkv})")
-    if block_tables.dim() != 2:
-        raise ValueError(f"block_tables must be (B, max_blocks), got {tuple(block_tables.shape)}")
-    num_seqs = block_tables.shape[0]
-    _check_index("block_tables", block_tables, tuple(block_tables.shape), device)
-    _check_index("seq_lens_tensor", seq_lens_tensor, (num_seqs,), device)
-    _check_index("query_start_loc_tensor", query_start_loc_tensor, (num_seqs + 1,), device)
-    if not 0 <= num_decodes <= min(num_seqs, q.shape[0]):
-        raise ValueError(f"num_decodes must be in [0, {min(num_seqs, q.shape[0])}], got {num_decodes}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-
-    cfg = default_config(layout.head_dim, layout.bits)
-    over = config or AttentionConfig()
-    num_warps = over.num_warps or cfg.num_warps or 4
-    num_stages = over.num_stages or cfg.num_stages or 2
+    c = config or AttentionConfig()
+    if out is not None:
+        check_out(out, q)
+    result: torch.Tensor = torch.ops.qserve.paged_attention(
+        q,
+        kv_cache,
+        block_tables,
+        seq_lens_tensor,
+        query_start_loc_tensor,
+        num_decodes,
+        scale,
+        layout.block_size,
+        layout.head_dim,
+        layout.bits,
+        sliding_window,
+        max_seq_len,
+        c.decode_block_n,
+        c.prefill_block_m,
+        c.prefill_block_n,
+        c.partition_size,
+        c.num_warps,
+        c.num_stages,
+    )
     if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != device or out.stride(-1) != 1:
-        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)} on {device}, last dim contiguous")
-    if num_decodes:
-        from qserve.kernels.paged_attention_decode import launch_decode
-
-        block_n = over.decode_block_n or cfg.decode_block_n or 64
-        bound = max_seq_len or block_tables.shape[1] * layout.block_size
-        size, splits = decode_partition(num_decodes, hkv, bound, block_n, device, over.partition_size)
-        launch_decode(
-            q[:num_decodes],
-            out[:num_decodes],
-            kv_cache,
-            block_tables,
-            seq_lens_tensor,
-            scale,
-            sliding_window,
-            layout.block_size,
-            layout.bits,
-            size,
-            splits,
-            block_n,
-            num_warps,
-            num_stages,
-        )
-    if num_decodes < num_seqs:
-        from qserve.kernels.paged_attention_prefill import launch_prefill
-
-        launch_prefill(
-            q[num_decodes:],
-            out[num_decodes:],
-            kv_cache,
-            block_tables[num_decodes:],
-            seq_lens_tensor[num_decodes:],
-            query_start_loc_tensor[num_decodes:],
-            scale,
-            sliding_window,
-            layout.block_size,
-            layout.bits,
-            over.prefill_block_m or cfg.prefill_block_m or 64,
-            over.prefill_block_n or cfg.prefill_block_n or 64,
-            num_warps,
-            num_stages,
-        )
-    return out
+        return result
+    return out.copy_(result)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qserve.kernels.paged_attention_decode import NEG_BIG, attend_range, load_q, store_rows
+from qserve.kernels.paged_attention_common import NEG_BIG, attend_range, load_q, store_rows
 
 
 @triton.jit

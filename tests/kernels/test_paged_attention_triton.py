@@ -33,7 +33,8 @@ from qserve.kernels.paged_attention import (
 triton = pytest.importorskip("triton")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-KERNEL_MODULES = [  # dependency order: prefill imports decode's helpers
+KERNEL_MODULES = [  # dependency order: decode and prefill import common's device functions
+    "qserve.kernels.paged_attention_common",
     "qserve.kernels.paged_attention_decode",
     "qserve.kernels.paged_attention_prefill",
     "qserve.kernels.paged_attention_store",
