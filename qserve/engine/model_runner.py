@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,9 @@ class ModelRunner:
         self.kv_layout = kv_layout
         self.block_size = kv.block_size
         self.device = device
+        # CPU: torch threads for a step of N tokens (None: leave torch's setting alone). A server sharing the
+        # cores with its HTTP process gives decode steps one core fewer but big prefills every core.
+        self.threads_for: Callable[[int], int] | None = None
 
     def _prepare(
         self, so: SchedulerOutput
@@ -89,6 +93,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         out = ModelRunnerOutput()
+        if (
+            self.threads_for is not None
+            and (n := self.threads_for(so.num_batched_tokens)) != torch.get_num_threads()
+        ):
+            torch.set_num_threads(n)
         t0 = time.perf_counter()
         ids, pos, meta, logits_rows = self._prepare(so)
         t1 = time.perf_counter()

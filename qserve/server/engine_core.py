@@ -184,8 +184,20 @@ class EngineCore:
         self.started.clear()
 
 
-def run_engine_core(conn: Connection, config: EngineConfig, threads: int | None, max_queue: int) -> None:
-    """The child process's entry point: build the engine, report ready (or the error), then serve."""
+PREFILL_THREADS_MIN_TOKENS = 256  # steps at least this big are compute-bound: worth every core
+
+
+def run_engine_core(
+    conn: Connection,
+    config: EngineConfig,
+    threads: int | None,
+    max_queue: int,
+    prefill_threads: int | None = None,
+) -> None:
+    """The child process's entry point: build the engine, report ready (or the error), then serve.
+
+    ``threads``: torch threads for steps; ``prefill_threads``: for steps of at least
+    PREFILL_THREADS_MIN_TOKENS tokens (None: ``threads`` for all)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -197,11 +209,14 @@ def run_engine_core(conn: Connection, config: EngineConfig, threads: int | None,
         from qserve.server.plan_info import plan_lines
 
         engine = LLMEngine(config)
+        if threads is not None and prefill_threads is not None and prefill_threads != threads:
+            big, small = prefill_threads, threads
+            engine.runner.threads_for = lambda n: big if n >= PREFILL_THREADS_MIN_TOKENS else small
         info = EngineInfo(
             model=config.model,
             max_model_len=engine.max_model_len,
             vocab_size=engine.model_config.vocab_size,
-            plan=plan_lines(engine, max_queue, threads),
+            plan=plan_lines(engine, max_queue, threads, prefill_threads),
         )
     except Exception as e:
         msg = str(e) if isinstance(e, QServeError) else f"{type(e).__name__}: {e}"

@@ -36,27 +36,36 @@ if TYPE_CHECKING:
 logger = logging.getLogger("qserve.server")
 
 
-def default_threads(device: str) -> int | None:
-    """Torch threads for the engine process: on CPU every core but one, which the HTTP process needs
-    (two OpenMP threads sharing two cores with the server stall each other: measured 627 vs 816 tok/s on
-    the demo model at concurrency 16). None (torch's default) elsewhere."""
+def default_threads(device: str) -> tuple[int | None, int | None]:
+    """Torch threads of the engine process for (decode-sized steps, big prefill steps). On CPU decode steps get
+    every core but one, which the HTTP process needs (two OpenMP threads sharing two cores with the server
+    stall each other: 627 vs 816 tok/s on the demo model at concurrency 16), and big prefills, which are
+    compute-bound and leave the HTTP side little to do, every core. (None, None) elsewhere: torch's default."""
     if device not in ("auto", "cpu"):
-        return None
+        return None, None
     from qserve.engine.llm_engine import resolve_device
 
     if resolve_device(device).type != "cpu":
-        return None
-    return max(len(os.sched_getaffinity(0)) - 1, 1)
+        return None, None
+    cores = len(os.sched_getaffinity(0))
+    return max(cores - 1, 1), cores
 
 
 class EngineProcess:
     """Owns the engine process. Thread-safe: submit, abort, begin_drain, stop, num_queued, is_alive and
     the ``snapshot`` attribute (the latest ``engine.metrics()`` the process sent)."""
 
-    def __init__(self, config: EngineConfig, max_queue: int, threads: int | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        max_queue: int,
+        threads: int | None = None,
+        prefill_threads: int | None = None,
+    ):
         self.config = config
         self.max_queue = max_queue
         self.threads = threads
+        self.prefill_threads = prefill_threads
         self.draining = False
         self._info: EngineInfo | None = None
         self.snapshot: dict[str, Any] = {}
@@ -77,7 +86,7 @@ class EngineProcess:
             return self._info
         ctx = mp.get_context("spawn")  # never fork a process that may hold OpenMP / tokenizer threads
         conn, child = ctx.Pipe()
-        args = (child, self.config, self.threads, self.max_queue)
+        args = (child, self.config, self.threads, self.max_queue, self.prefill_threads)
         self._proc = ctx.Process(target=run_engine_core, args=args, name="qserve-engine", daemon=True)
         self._proc.start()
         child.close()

@@ -149,8 +149,10 @@ def run_server(opts: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if opts.threads is not None and opts.threads < 1:
         raise QServeError(f"--threads must be at least 1, got {opts.threads}")
-    threads = opts.threads if opts.threads is not None else default_threads(opts.device)
-    engine = EngineProcess(config, opts.max_queue, threads)
+    threads, prefill_threads = default_threads(opts.device)
+    if opts.threads is not None:  # a fixed count for every step
+        threads = prefill_threads = opts.threads
+    engine = EngineProcess(config, opts.max_queue, threads, prefill_threads)
     info = engine.start()
     name = opts.served_model_name or opts.model
     print("qserve serve: sized itself with this plan", flush=True)

@@ -4,27 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from qserve.utils import format_size
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes of the loaded weights: parameters and persistent buffers (packed quantized weights, scales),
-    tied tensors counted once."""
+    """Bytes of the loaded weights: every tensor a module holds (parameters, buffers, and the plain tensor
+    attributes of quantized and oneDNN-prepacked linears, whose packed weights are not in the state dict),
+    shared tensors counted once."""
     seen: set[int] = set()
     total = 0
-    for t in model.state_dict(keep_vars=True).values():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+    for m in model.modules():
+        buffers = [b for name, b in m._buffers.items() if name not in m._non_persistent_buffers_set]
+        tensors = [*m._parameters.values(), *buffers, *vars(m).values()]  # not RoPE tables and the like
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or not t.numel():
+                continue
+            if t.layout == torch._mkldnn:  # type: ignore[attr-defined]  # opaque: no data_ptr, never shared
+                total += t.numel() * t.element_size()
+            elif t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
     return total
 
 
-def plan_lines(engine: Any, max_queue: int, threads: int | None = None) -> list[str]:
+def plan_lines(
+    engine: Any, max_queue: int, threads: int | None = None, prefill_threads: int | None = None
+) -> list[str]:
     spec, kv = engine.kv_spec, engine.kv
     cfg = engine.model_config
     device = str(engine.device)
     if threads is not None:
         device += f", {threads} thread{'s' if threads > 1 else ''}"
+        if prefill_threads is not None and prefill_threads != threads:
+            device += f" ({prefill_threads} for big prefills)"
     return [
         f"model         {engine.config.model} ({cfg.architecture}, {engine.dtype_name}) on {device}",
         f"weights       {format_size(weight_bytes(engine.model))}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -114,5 +115,7 @@ def test_a_dead_engine_fails_what_runs_and_refuses_more(tiny_llama: Path) -> Non
 
 
 def test_default_threads_leave_a_core_for_the_server() -> None:
-    assert default_threads("cpu") is not None and default_threads("cpu") >= 1  # type: ignore[operator]
-    assert default_threads("cuda") is None
+    decode, prefill = default_threads("cpu")
+    cores = len(os.sched_getaffinity(0))
+    assert (decode, prefill) == (max(cores - 1, 1), cores)
+    assert default_threads("cuda") == (None, None)
