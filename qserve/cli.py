@@ -156,12 +156,26 @@ def plan(
     price_per_hour: Annotated[
         float | None, typer.Option(help="GPU price (USD/hour) for a cost per 1M output tokens estimate.")
     ] = None,
+    target_rps: Annotated[
+        float | None, typer.Option(help="Add the replicas this many requests/s need (with the lengths).")
+    ] = None,
+    prompt_len: Annotated[int | None, typer.Option(help="With --target-rps: prompt tokens.")] = None,
+    output_len: Annotated[int | None, typer.Option(help="With --target-rps: output tokens.")] = None,
+    replica_tps: Annotated[
+        float | None,
+        typer.Option(help="Measured output tokens/s of one replica (else the --gpu roofline estimate)."),
+    ] = None,
 ) -> None:
     """Exact memory plan before loading: weights, KV capacity, concurrent sequences, batch sizes."""
     from qserve.planner import plan as make_plan
     from qserve.planner import print_plan, save_plot
     from qserve.utils import parse_size
 
+    load = (target_rps, prompt_len, output_len)
+    if any(v is not None for v in (*load, replica_tps)) and None in load:
+        raise QServeError("replicas need --target-rps, --prompt-len and --output-len together")
+    if target_rps is not None and context is None:
+        context = (prompt_len or 0) + (output_len or 0)  # plan each replica for the load's sequences
     p = make_plan(
         model,
         memory=parse_size(memory) if memory is not None else None,
@@ -175,10 +189,26 @@ def plan(
     )
     if plot is not None:
         save_plot(p, str(plot))
+    fleet = None
+    if target_rps is not None:
+        from qserve.planner_replicas import plan_replicas
+
+        fleet = plan_replicas(
+            p,
+            target_rps=target_rps,
+            prompt_len=prompt_len or 0,
+            output_len=output_len or 0,
+            replica_tps=replica_tps,
+        )
     if as_json:
-        typer.echo(json.dumps(p.to_json(), indent=2))
-    else:
-        print_plan(p)
+        out = p.to_json() | ({"replicas": fleet.to_json()} if fleet else {})
+        typer.echo(json.dumps(out, indent=2))
+        return
+    print_plan(p)
+    if fleet is not None:
+        from qserve.planner_replicas import replica_lines
+
+        typer.echo("\n".join(replica_lines(fleet)))
 
 
 @app.command()
@@ -217,29 +247,60 @@ def serve(
         int | None,
         typer.Option(help="Torch threads of the engine process (default on CPU: every core but one)."),
     ] = None,
+    replicas: Annotated[
+        str | None,
+        typer.Option(help="Run N engine replicas, or 'auto' (autoscaled), on Ray Serve (qserve[cluster])."),
+    ] = None,
+    min_replicas: Annotated[
+        int | None, typer.Option(help="With --replicas auto: fewest (default 1).")
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option(help="With --replicas auto: most (default: what the cluster holds).")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join ('auto', host:port); default: start one here.")
+    ] = None,
+    replica_cpus: Annotated[float, typer.Option(help="CPUs each replica reserves in Ray.")] = 1.0,
+    replica_gpus: Annotated[
+        float | None, typer.Option(help="GPUs each replica reserves (default: 1 on a GPU cluster).")
+    ] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, models, health, metrics)."""
     from qserve.server.launch import ServeOptions, run_server
 
-    run_server(
-        ServeOptions(
-            model=model,
-            host=host,
-            port=port,
-            device=device,
-            dtype=dtype,
-            kv_cache_dtype=kv_cache_dtype,
-            kv_cache_memory=kv_cache_memory,
-            memory_budget=memory_budget,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len,
-            max_queue=max_queue,
-            api_key=api_key,
-            served_model_name=served_model_name,
-            shutdown_timeout=shutdown_timeout,
-            threads=threads,
-        )
+    if replicas is None and (min_replicas, max_replicas, ray_address) != (None, None, None):
+        raise QServeError("--min-replicas, --max-replicas and --ray-address need --replicas N|auto")
+    options = ServeOptions(
+        model=model,
+        host=host,
+        port=port,
+        device=device,
+        dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_memory=kv_cache_memory,
+        memory_budget=memory_budget,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        max_queue=max_queue,
+        api_key=api_key,
+        served_model_name=served_model_name,
+        shutdown_timeout=shutdown_timeout,
+        threads=threads,
     )
+    if replicas is None:  # one server in this process; Ray is never imported
+        run_server(options)
+        return
+    from qserve.cluster.launch import ClusterOptions, run_cluster
+
+    copts = ClusterOptions(
+        replicas=replicas,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        ray_address=ray_address,
+        replica_cpus=replica_cpus,
+        replica_gpus=replica_gpus,
+    )
+    run_cluster(options, copts)
 
 
 from qserve.cli_convert import convert_command  # noqa: E402 (registered after the commands above)

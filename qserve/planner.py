@@ -121,14 +121,18 @@ class DecodeEstimate:
     cost_per_million_tokens: float | None  # USD per 1M output tokens at price_per_hour
 
 
+def dense_weights(src: ModelSource) -> int:
+    """Weights one token multiplies through: every projection and the lm_head (2 FLOPs each)."""
+    return sum(n * k for n, k in src.inventory.linears) + src.config.vocab_size * src.config.hidden_size
+
+
 def decode_estimate(
     gpu: GPUPreset, src: ModelSource, weights_bytes: int, kv_bytes_per_token: int, batch: int,
     context: int, price_per_hour: float | None = None,
 ) -> DecodeEstimate:  # fmt: skip
-    cfg, inv = src.config, src.inventory
+    cfg = src.config
     moved = weights_bytes + batch * context * kv_bytes_per_token
-    dense = sum(n * k for n, k in inv.linears) + cfg.vocab_size * cfg.hidden_size
-    flops = batch * (2 * dense + 4 * cfg.num_layers * cfg.q_size * context)
+    flops = batch * (2 * dense_weights(src) + 4 * cfg.num_layers * cfg.q_size * context)
     t_mem, t_flop = moved / gpu.bandwidth, flops / gpu.flops
     step = max(t_mem, t_flop)
     tps = batch / step
