@@ -205,9 +205,10 @@ class _LayerRunner:
         # Offline there is no paged KV cache: swap the attention kernel for plain causal SDPA.
         setattr(layer.self_attn, "attn", _CausalAttention(layer.self_attn.attn))  # noqa: B010
         outs = []
+        rope = self.rotary.tables(torch.arange(t), torch.float32)  # every sequence sits at positions 0..T-1
         with torch.no_grad():
             for seq in range(s):  # one sequence at a time: attention memory is O(T^2) for one sequence
-                outs.append(layer(torch.arange(t), h[seq], None, None))  # (T, H)
+                outs.append(layer(rope, h[seq], None, None))  # (T, H)
         for hook in hooks:
             hook.remove()
         return {k: torch.cat(v) for k, v in captured.items()}, torch.stack(outs)
