@@ -24,22 +24,42 @@ TRACKED = (
 )
 
 
+RATIOS = ("device_busy_ratio", "kv_cache_usage_ratio")  # averaged over replicas; other names are summed
+
+
 def parse_prometheus(text: str, names: tuple[str, ...] = TRACKED, prefix: str = PREFIX) -> dict[str, float]:
-    """Unlabelled samples ``prefix + name`` for ``name`` in ``names`` from Prometheus text exposition."""
+    """Samples ``prefix + name`` for ``name`` in ``names`` from Prometheus text exposition.
+
+    A name exported only with labels (a `qserve serve --replicas` front: one series per replica) is
+    aggregated over its series: ratios averaged, counts summed. Non-finite values are dropped.
+    """
     wanted = {prefix + n: n for n in names}
-    out: dict[str, float] = {}
+    plain: dict[str, float] = {}
+    labelled: dict[str, list[float]] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] in wanted:
-            try:
-                value = float(parts[1])
-            except ValueError:
-                continue
-            if math.isfinite(value):
-                out[wanted[parts[0]]] = value
-    return out
+        if "{" in line:  # name{labels} value: label values may hold spaces, so split around the braces
+            head, _, rest = line.partition("{")
+            fields = rest.rpartition("}")[2].split()
+        else:
+            head, *fields = line.split()
+        if head not in wanted or not fields:
+            continue
+        try:
+            value = float(fields[0])
+        except ValueError:
+            continue
+        if not math.isfinite(value):
+            continue
+        if "{" in line:
+            labelled.setdefault(wanted[head], []).append(value)
+        else:
+            plain[wanted[head]] = value
+    for name, values in labelled.items():
+        if name not in plain:
+            plain[name] = sum(values) / len(values) if name in RATIOS else sum(values)
+    return plain
 
 
 class MetricsSampler:

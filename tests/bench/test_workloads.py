@@ -150,5 +150,19 @@ qserve_requests_finished_total{reason="stop"} 4.0
 qserve_step_seconds{phase="forward"} 0.01
 """
     assert parse_prometheus(text) == {"batch_size": 8.0, "device_busy_ratio": 0.93, "preemptions_total": 2.0}
+    # a --replicas front exports one series per replica: counts add up, ratios average
+    cluster = """qserve_batch_size{replica="a 1"} 8.0
+qserve_batch_size{replica="b"} 3.0
+qserve_device_busy_ratio{replica="a 1"} 0.9
+qserve_device_busy_ratio{replica="b"} 0.5
+qserve_kv_cache_usage_ratio{replica="b"} NaN
+qserve_requests_waiting 4.0
+qserve_requests_waiting{replica="b"} 9.0
+"""
+    assert parse_prometheus(cluster) == {
+        "batch_size": 11.0,
+        "device_busy_ratio": 0.7,
+        "requests_waiting": 4.0,
+    }
     vllm = 'vllm:num_requests_running{model_name="m"} 3.0\nvllm:kv_cache_usage_perc{model_name="m"} 0.1\n'
     assert parse_prometheus(vllm) == {}
