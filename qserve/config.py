@@ -118,7 +118,10 @@ class ModelConfig:
             raise QServeError(f"{path / 'config.json'} is not valid JSON: {e}") from None
         gen = path / "generation_config.json"
         gen_raw = json.loads(gen.read_text()) if gen.is_file() else {}
-        return cls.from_dict(raw, gen_raw)
+        try:
+            return cls.from_dict(raw, gen_raw)
+        except KeyError as e:
+            raise QServeError(f"{path / 'config.json'} has no {e.args[0]!r}, which the model needs") from None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:

@@ -94,6 +94,14 @@ def test_unknown_architecture_names_supported_ones() -> None:
         ModelConfig.from_dict({**LLAMA31_8B, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
+def test_missing_config_field_is_named(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64})
+    )
+    with pytest.raises(QServeError, match="has no 'num_attention_heads'"):
+        ModelConfig.from_pretrained(tmp_path)
+
+
 def test_resolve_model_path_errors(tmp_path: Path) -> None:
     with pytest.raises(QServeError, match="not found"):
         resolve_model_path(tmp_path / "nope")
