@@ -94,9 +94,8 @@ def dequantize_rows(
 ) -> torch.Tensor:
     """Gathered quantized block rows (2 Hkv B nblk, block_bytes), ordered (K/V head, sequence, block) ->
     keys and values (2, Hkv, B, nblk * block_size, D) in ``dtype``."""
-    values, scales, zeros = _split(rows, block_size, head_dim, bits)
-    x = dequantize(values, scales, zeros, bits, dtype)  # (2 Hkv B nblk, bs, D)
-    return x.view(2, hkv, b, nblk * block_size, head_dim)
+    codes, scales, zeros = integer_rows(rows, b, nblk, hkv, block_size, head_dim, bits, torch.float32)
+    return (codes * scales[..., None] + zeros[..., None]).to(dtype)  # `dequantize`'s float32 arithmetic
 
 
 def integer_rows(

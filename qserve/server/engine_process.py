@@ -19,14 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from qserve.errors import QServeError
 from qserve.server.engine_core import EngineInfo, StepUpdate, Update, run_engine_core
-from qserve.server.engine_thread import (
-    Delta,
-    DrainingError,
-    EngineRequest,
-    QueueFullError,
-    RequestGroup,
-    deliver,
-)
+from qserve.server.engine_thread import Delta, EngineRequest, RequestGroup, check_admission, deliver
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -122,11 +115,8 @@ class EngineProcess:
         """Admit all of ``requests`` or none (QueueFullError, DrainingError). Call from the asyncio loop."""
         group = RequestGroup(self, requests)
         with self._lock:
-            if self.draining or self._stopped.is_set():
-                raise DrainingError("the server is shutting down")
             queued = self._pending_adds + self._waiting
-            if queued and queued + len(requests) > self.max_queue:
-                raise QueueFullError(f"{queued} requests are waiting (--max-queue {self.max_queue})")
+            check_admission(queued, len(requests), self.max_queue, self.draining or self._stopped.is_set())
             self._pending_adds += len(requests)
             for r in requests:
                 self._groups[r.request_id] = group

@@ -35,6 +35,16 @@ class DrainingError(Exception):
     """The server is shutting down and admits nothing new (answered 503)."""
 
 
+def check_admission(queued: int, adding: int, max_queue: int, closed: bool) -> None:
+    """Admit ``adding`` requests next to ``queued`` waiting ones, or raise: DrainingError when ``closed``,
+    QueueFullError when they would overflow ``max_queue`` (an empty queue always takes a group, whatever
+    its size, so a request of many choices is never refused forever)."""
+    if closed:
+        raise DrainingError("the server is shutting down")
+    if queued and queued + adding > max_queue:
+        raise QueueFullError(f"{queued} requests are waiting (--max-queue {max_queue})")
+
+
 @dataclass
 class EngineRequest:
     request_id: str
@@ -156,11 +166,8 @@ class EngineThread:
         """Admit all of ``requests`` or none (QueueFullError, DrainingError). Call from the asyncio loop."""
         group = RequestGroup(self, requests)
         with self._lock:
-            if self.draining or self._stopping:
-                raise DrainingError("the server is shutting down")
             queued = self._pending_adds + self._waiting
-            if queued and queued + len(requests) > self.max_queue:
-                raise QueueFullError(f"{queued} requests are waiting (--max-queue {self.max_queue})")
+            check_admission(queued, len(requests), self.max_queue, self.draining or self._stopping)
             self._pending_adds += len(requests)
             self._inbox.append(("add", group))
         self._wake.set()
