@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qserve.kernels.kv_quant import dequantize_rows, integer_rows, store_kv_quant
+from qserve.kernels.kv_quant import integer_rows, store_kv_quant
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,13 @@ def block_rows(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tens
     return (offsets + block_tables.reshape(1, -1).long()).reshape(-1)
 
 
+def gather_rows(kv_cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The cache's block rows ``rows`` (from `block_rows`): (len(rows), block_row), one copy."""
+    return kv_cache.reshape(kv_cache.shape[0] * kv_cache.shape[1] * kv_cache.shape[2], -1).index_select(
+        0, rows
+    )
+
+
 def gather_kv(
     kv_cache: torch.Tensor,
     block_tables: torch.Tensor,
@@ -75,11 +82,13 @@ def gather_kv(
     hkv = kv_cache.shape[1]
     if rows is None:
         rows = block_rows(kv_cache, block_tables)
-    flat = kv_cache.reshape(2 * hkv * kv_cache.shape[2], -1)  # (2 Hkv nb, block_row): a view
-    picked = flat.index_select(0, rows)  # (2 Hkv B nblk, block_row): one copy
+    picked = gather_rows(kv_cache, rows)  # (2 Hkv B nblk, block_row)
     if layout is not None and layout.bits:
         assert dtype is not None
-        kv = dequantize_rows(picked, b, nblk, hkv, layout.block_size, layout.head_dim, layout.bits, dtype)
+        codes, scales, zeros = integer_rows(
+            picked, b, nblk, hkv, layout.block_size, layout.head_dim, layout.bits, torch.float32
+        )  # `kv_quant.dequantize`'s float32 arithmetic, on (2, Hkv, B, L, D)
+        kv = (codes * scales[..., None] + zeros[..., None]).to(dtype)
     else:
         kv = picked.view(2, hkv, b, nblk * kv_cache.shape[3], kv_cache.shape[4])
     return kv[:, :, :, :seq_len]
@@ -202,9 +211,15 @@ def _decode_quantized(
     scores and probabilities, (Hkv, B, G, L), rather than to every element of K and V, (Hkv, B, L, D).
     qh: (Hkv, B, G, D) -> (Hkv, B, G, D)."""
     hkv, b = qh.shape[0], qh.shape[1]
-    rows = kv_cache.reshape(-1, kv_cache.shape[-1]).index_select(0, plan.rows)  # (2 Hkv B nblk, bytes)
     codes, scales, zeros = integer_rows(
-        rows, b, plan.nblk, hkv, layout.block_size, layout.head_dim, layout.bits, qh.dtype
+        gather_rows(kv_cache, plan.rows),
+        b,
+        plan.nblk,
+        hkv,
+        layout.block_size,
+        layout.head_dim,
+        layout.bits,
+        qh.dtype,
     )  # (2, Hkv, B, L, D), (2, Hkv, B, L) x 2
     raw = torch.matmul(qh, codes[0].transpose(-1, -2)).float()  # (Hkv, B, G, L): q . k_codes
     qsum = qh.float().sum(-1, keepdim=True)  # (Hkv, B, G, 1)

@@ -44,13 +44,17 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
     return q, scale, zero
 
 
+def unpack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed values (..., D*bits/8) uint8 -> integer codes (..., D) uint8 (int4: two per byte, low first)."""
+    return torch.stack((q & 0xF, q >> 4), dim=-1).flatten(-2) if bits == 4 else q
+
+
 def dequantize(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Inverse of `quantize`: (..., D*bits/8) uint8 + (...) fp16 scale/zero -> (..., D) in ``dtype``."""
-    if bits == 4:
-        q = torch.stack((q & 0xF, q >> 4), dim=-1).flatten(-2)  # (..., D)
-    return (q.float() * scale.float()[..., None] + zero.float()[..., None]).to(dtype)
+    codes = unpack_codes(q, bits).float()
+    return (codes * scale.float()[..., None] + zero.float()[..., None]).to(dtype)
 
 
 def _split(cache: torch.Tensor, block_size: int, head_dim: int, bits: int) -> tuple[torch.Tensor, ...]:
@@ -82,22 +86,6 @@ def store_kv_quant(
         zeros[i][:, blk, off] = z
 
 
-def dequantize_rows(
-    rows: torch.Tensor,
-    b: int,
-    nblk: int,
-    hkv: int,
-    block_size: int,
-    head_dim: int,
-    bits: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Gathered quantized block rows (2 Hkv B nblk, block_bytes), ordered (K/V head, sequence, block) ->
-    keys and values (2, Hkv, B, nblk * block_size, D) in ``dtype``."""
-    codes, scales, zeros = integer_rows(rows, b, nblk, hkv, block_size, head_dim, bits, torch.float32)
-    return (codes * scales[..., None] + zeros[..., None]).to(dtype)  # `dequantize`'s float32 arithmetic
-
-
 def integer_rows(
     rows: torch.Tensor,
     b: int,
@@ -117,11 +105,9 @@ def integer_rows(
     (p s) @ v + sum_t p_t z_t``.
     """
     values, scales, zeros = _split(rows, block_size, head_dim, bits)
-    if bits == 4:
-        values = torch.stack((values & 0xF, values >> 4), dim=-1).flatten(-2)  # (..., bs, D)
     shape = (2, hkv, b, nblk * block_size)
     return (
-        values.to(dtype).view(*shape, head_dim),
+        unpack_codes(values, bits).to(dtype).view(*shape, head_dim),
         scales.float().reshape(shape),
         zeros.float().reshape(shape),
     )

@@ -100,7 +100,10 @@ class EngineCore:
                 stop = self._apply(self._receive(block=not busy), msg)
             except (EOFError, OSError):  # the server process is gone: nothing to serve any more
                 return
-            if stop or (self.abort_at is not None and time.monotonic() >= self.abort_at):
+            deadline = self.abort_at is not None and time.monotonic() >= self.abort_at
+            if deadline:  # once: a draining server admits nothing new, and an idle poll must block again
+                self.abort_at = None
+            if stop or deadline:
                 self._abort_all(msg, "abort")
             if stop:
                 msg.metrics = self.engine.metrics()

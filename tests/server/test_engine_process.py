@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,33 @@ def test_default_threads_leave_a_core_for_the_server() -> None:
     cores = len(os.sched_getaffinity(0))
     assert (decode, prefill) == (max(cores - 1, 1), cores)
     assert default_threads("cuda") == (None, None)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_drain_deadline_aborts_once_then_idles(tiny_llama: Path) -> None:
+    proc = EngineProcess(EngineConfig(model=str(tiny_llama), dtype="float32"), max_queue=8, threads=1)
+    info = proc.start()
+
+    async def go() -> Delta:
+        long = SamplingParams(max_tokens=info.max_model_len - 3, temperature=0.0, ignore_eos=True)
+        group = proc.submit([EngineRequest("long", [1, 2, 3], long)])
+        await group.next()
+        proc.begin_drain(grace=0.3)
+        while True:
+            d = await group.next()
+            if d.finished:
+                return d
+
+    last = asyncio.run(go())
+    assert last.finish_reason == "abort" and last.error is None and last.num_output_tokens > 0
+    assert last.num_output_tokens < info.max_model_len - 3
+    before = cpu_seconds(proc._proc.pid)
+    time.sleep(1.0)
+    assert cpu_seconds(proc._proc.pid) - before < 0.3  # past the deadline the engine waits, not polls
+    assert proc.is_alive()
+    proc.stop()
+    assert proc._proc.exitcode == 0
