@@ -64,8 +64,7 @@ class RotaryEmbedding(nn.Module):
     def rotate(self, x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
         """x (T, H, D) -> x rotated (a new tensor); queries and keys may go through in one call."""
         cos, sin = tables
-        if self.rot_dim == self.head_dim:
-            return x * cos + x.roll(self.rot_dim // 2, dims=-1) * sin
-        rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim :]
+        full = self.rot_dim == self.head_dim
+        rot = x if full else x[..., : self.rot_dim]  # partial rotary: the tail passes through
         out = rot * cos + rot.roll(self.rot_dim // 2, dims=-1) * sin
-        return torch.cat((out, rest), dim=-1)
+        return out if full else torch.cat((out, x[..., self.rot_dim :]), dim=-1)
