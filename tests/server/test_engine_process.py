@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,21 +90,27 @@ def test_start_failure_is_a_clear_error(tmp_path: Path) -> None:
     assert not proc.is_alive()
 
 
-def test_a_dead_engine_fails_what_runs_and_refuses_more(tiny_llama: Path) -> None:
-    proc = EngineProcess(EngineConfig(model=str(tiny_llama), dtype="float32"), max_queue=8, threads=1)
-    info = proc.start()
+def long_request_interrupted(proc: EngineProcess, interrupt: Callable[[], None]) -> Delta:
+    """Run one request as long as the context allows, call ``interrupt`` after its first delta, and
+    return its last delta."""
 
     async def go() -> Delta:
-        long = SamplingParams(max_tokens=info.max_model_len - 3, temperature=0.0, ignore_eos=True)
+        long = SamplingParams(max_tokens=proc.info.max_model_len - 3, temperature=0.0, ignore_eos=True)
         group = proc.submit([EngineRequest("long", [1, 2, 3], long)])
         await group.next()
-        proc._proc.kill()  # the engine process dies mid-request
+        interrupt()
         while True:
             d = await group.next()
             if d.finished:
                 return d
 
-    last = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_a_dead_engine_fails_what_runs_and_refuses_more(tiny_llama: Path) -> None:
+    proc = EngineProcess(EngineConfig(model=str(tiny_llama), dtype="float32"), max_queue=8, threads=1)
+    proc.start()
+    last = long_request_interrupted(proc, lambda: proc._proc.kill())  # the engine dies mid-request
     assert last.error is not None and "engine process exited" in last.error
     assert not proc.is_alive()
 
@@ -130,18 +137,7 @@ def cpu_seconds(pid: int) -> float:
 def test_drain_deadline_aborts_once_then_idles(tiny_llama: Path) -> None:
     proc = EngineProcess(EngineConfig(model=str(tiny_llama), dtype="float32"), max_queue=8, threads=1)
     info = proc.start()
-
-    async def go() -> Delta:
-        long = SamplingParams(max_tokens=info.max_model_len - 3, temperature=0.0, ignore_eos=True)
-        group = proc.submit([EngineRequest("long", [1, 2, 3], long)])
-        await group.next()
-        proc.begin_drain(grace=0.3)
-        while True:
-            d = await group.next()
-            if d.finished:
-                return d
-
-    last = asyncio.run(go())
+    last = long_request_interrupted(proc, lambda: proc.begin_drain(grace=0.3))
     assert last.finish_reason == "abort" and last.error is None and last.num_output_tokens > 0
     assert last.num_output_tokens < info.max_model_len - 3
     before = cpu_seconds(proc._proc.pid)
