@@ -32,10 +32,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from qserve.cluster import routing, stats
-from qserve.server.protocol import error_body
+from qserve.server.protocol import MAX_BODY_BYTES, error_body
 
 logger = logging.getLogger("ray.serve")
-MAX_BODY_BYTES = 4 << 20  # the same limit as the single server's (qserve.server.app.MAX_BODY_BYTES)
 HEALTH_TIMEOUT_S = 10.0
 
 

@@ -24,6 +24,7 @@ from qserve.engine.llm_engine import LLMEngine
 from qserve.server.engine_thread import EngineClient, EngineThread
 from qserve.server.metrics import ServerMetrics
 from qserve.server.protocol import (
+    MAX_BODY_BYTES,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -35,7 +36,6 @@ from qserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("qserve.server")
 B = TypeVar("B", bound=BaseModel)
-MAX_BODY_BYTES = 4 << 20
 
 
 def create_app(

@@ -14,6 +14,7 @@ from qserve.errors import QServeError
 from qserve.types import SamplingParams
 
 MAX_CHOICES = 256  # prompts x n in one request
+MAX_BODY_BYTES = 4 << 20  # request bodies past this get 413 (the single server and a --replicas front)
 
 # status -> (OpenAI error type, default code)
 _ERROR_KINDS: dict[int, tuple[str, str | None]] = {

@@ -92,10 +92,3 @@ def test_build_app() -> None:
     assert gpu._deployment_config.autoscaling_config.max_replicas == 8
     fixed = engine_of(build_app(opts, ClusterOptions(replicas="3"), {"CPU": 8.0}))
     assert fixed.num_replicas == 3 and fixed._deployment_config.autoscaling_config is None
-
-
-def test_ingress_body_limit_is_the_servers() -> None:
-    from qserve.cluster.deployment import MAX_BODY_BYTES
-    from qserve.server.app import MAX_BODY_BYTES as SERVER_LIMIT
-
-    assert MAX_BODY_BYTES == SERVER_LIMIT
