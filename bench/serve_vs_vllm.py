@@ -1,10 +1,13 @@
 """Online serving: `qserve serve` against vLLM's CPU OpenAI server, same model, same requests, streaming.
 
 Each server runs alone (one after the other) on 127.0.0.1 with a 2 GiB KV cache and max_model_len 1024.
-A fixed-concurrency client (asyncio + httpx) sends the same streaming /v1/completions requests to each:
-prompts as token ids (so no tokenizer differences), greedy, ``ignore_eos`` so every request generates exactly
-``--output-len`` tokens. Per request: TTFT (request sent -> first streamed chunk) and TPOT ((last chunk -
-first chunk) / (tokens - 1)); overall: output tokens/s and requests/s over the run's wall time.
+The load is `qserve bench`'s closed workload (`qserve.bench.run_bench`, seed 0, so the same requests for
+each server): ``--concurrency`` streams of /v1/completions, prompts of 32-256 token ids (no tokenizer
+differences), greedy, ``ignore_eos`` so every request generates exactly ``--output-len`` tokens. Reported:
+output tokens/s, requests/s, TTFT and mean inter-token latency (ITL), and qserve's device-busy ratio.
+(Before 2026-11-29 11:00 UTC the script had its own client and printed TPOT, (last - first chunk) /
+(tokens - 1): the same quantity as mean ITL when every chunk carries one token.)
+`bench/compare.py` runs the same servers under all workloads.
 
     .venv/bin/python bench/serve_vs_vllm.py                           # both servers, table to stdout
     .venv/bin/python bench/serve_vs_vllm.py --servers qserve --requests 16
@@ -16,17 +19,15 @@ Model: the bundled demo model when it is there, else bench/out/llama-83m-bf16 (o
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
-import random
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ try:
     import httpx2 as httpx
 except ImportError:  # older openai releases bring httpx instead
     import httpx  # type: ignore[no-redef]
+
+from qserve.bench import BenchConfig, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -50,13 +53,6 @@ def pick_model() -> Path:
 
     build_model()
     return MODEL
-
-
-def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    """Token-id prompts of 32..256 tokens; ids below 256 (bytes in the bench model's tokenizer)."""
-    rng = random.Random(seed)
-    top = min(vocab, 256)
-    return [[rng.randrange(1, top) for _ in range(rng.randint(32, 256))] for _ in range(n)]
 
 
 def server_cmd(name: str, model: Path) -> tuple[list[str], dict[str, str]]:
@@ -93,79 +89,6 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: floa
     raise RuntimeError(f"server not ready after {timeout}s; see {log}")
 
 
-async def one(client: httpx.AsyncClient, prompt: list[int], out_len: int) -> dict[str, float]:
-    body = {
-        "model": "m",
-        "prompt": prompt,
-        "max_tokens": out_len,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    first = last = 0.0
-    tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices"):
-                last = time.perf_counter()
-                first = first or last
-    return {
-        "ttft": first - t0,
-        "tpot": (last - first) / max(tokens - 1, 1),
-        "tokens": tokens,
-        "e2e": last - t0,
-    }
-
-
-async def drive(url: str, prompts: list[list[int]], out_len: int, concurrency: int) -> dict[str, Any]:
-    sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
-        await asyncio.gather(*(one(client, p, 4) for p in prompts[:2]))  # warm-up
-
-        async def bounded(p: list[int]) -> dict[str, float]:
-            async with sem:
-                return await one(client, p, out_len)
-
-        busy: list[float] = []
-
-        async def sample_busy() -> None:  # qserve only: share of wall time in the model forward
-            while True:
-                await asyncio.sleep(2.0)
-                text = (await client.get("/metrics")).text
-                busy.extend(
-                    float(x.split()[-1]) for x in text.splitlines() if x.startswith("qserve_device_busy")
-                )
-
-        sampler = asyncio.create_task(sample_busy())
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(bounded(p) for p in prompts))
-        wall = time.perf_counter() - t0
-        sampler.cancel()
-    ttft = sorted(r["ttft"] for r in results)
-    tokens = sum(r["tokens"] for r in results)
-    return {
-        "wall_s": wall,
-        "requests": len(results),
-        "output_tokens": tokens,
-        "output_tok_s": tokens / wall,
-        "req_s": len(results) / wall,
-        "ttft_mean_s": statistics.mean(ttft),
-        "ttft_p50_s": ttft[len(ttft) // 2],
-        "ttft_p99_s": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))],
-        "tpot_mean_s": statistics.mean(r["tpot"] for r in results),
-        "device_busy_ratio_mean": statistics.mean(busy) if busy else None,
-    }
-
-
 @contextlib.contextmanager
 def server_process(cmd: list[str], env: dict[str, str], log: Path, url: str) -> Iterator[float]:
     """Run a server command (output to ``log``) until it answers /health at ``url``; yields the start-up
@@ -183,13 +106,17 @@ def server_process(cmd: list[str], env: dict[str, str], log: Path, url: str) -> 
             proc.kill()
 
 
-def run_server(
-    name: str, model: Path, prompts: list[list[int]], out_len: int, concurrency: int
-) -> dict[str, Any]:
+def run_server(name: str, model: Path, requests: int, out_len: int, concurrency: int) -> dict[str, Any]:
+    """One server under a closed `qserve bench` load (two warm-up requests first): its JSON report."""
     cmd, env = server_cmd(name, model)
     url = f"http://127.0.0.1:{PORT}"
+    cfg = BenchConfig(
+        url, workload="closed", concurrency=concurrency, requests=requests, prompt_len="32:256",
+        output_len=str(out_len), progress=False,
+    )  # fmt: skip
     with server_process(cmd, env, OUT / f"serve_{name}.log", url) as startup:
-        res = asyncio.run(drive(url, prompts, out_len, concurrency))
+        run_bench(replace(cfg, requests=2, output_len="4"))
+        res = run_bench(cfg).to_json(per_request=False)
     res["startup_s"] = startup
     return res
 
@@ -202,25 +129,22 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     args = ap.parse_args()
     model = pick_model()
-    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    prompts = workload(args.requests, vocab)
     print(
         f"model {model}, {args.requests} requests, concurrency {args.concurrency}, output {args.output_len}"
     )
     results: dict[str, Any] = {}
     for name in args.servers.split(","):
         try:
-            results[name] = r = run_server(name, model, prompts, args.output_len, args.concurrency)
+            results[name] = r = run_server(name, model, args.requests, args.output_len, args.concurrency)
         except Exception as e:  # report and go on to the next server
             print(f"{name}: failed: {e}", flush=True)
             continue
+        tp, ttft, itl, util = r["throughput"], r["latency"]["ttft_s"], r["latency"]["itl_s"], r["utilization"]
         print(
-            f"{name:7s} {r['output_tok_s']:7.1f} tok/s  {r['req_s']:5.2f} req/s  TTFT mean {r['ttft_mean_s']:.3f} s "
-            f"p50 {r['ttft_p50_s']:.3f} p99 {r['ttft_p99_s']:.3f}  TPOT {1000 * r['tpot_mean_s']:.1f} ms "
-            f"(start-up {r['startup_s']:.0f} s)"
-            + (
-                f"  busy {r['device_busy_ratio_mean']:.2f}" if r["device_busy_ratio_mean"] is not None else ""
-            ),
+            f"{name:7s} {tp['output_tokens_per_second']:7.1f} tok/s  {tp['requests_per_second']:5.2f} req/s  "
+            f"TTFT mean {ttft['mean']:.3f} s p50 {ttft['p50']:.3f} p99 {ttft['p99']:.3f}  "
+            f"ITL mean {1000 * itl['mean']:.1f} ms (start-up {r['startup_s']:.0f} s)"
+            + (f"  busy {util['device_busy_ratio']['mean']:.2f}" if util else ""),
             flush=True,
         )
     (OUT / "serve_vs_vllm.json").write_text(
