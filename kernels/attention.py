@@ -220,6 +220,7 @@ def _decode_quantized(
         layout.head_dim,
         layout.bits,
         qh.dtype,
+        centered=True,  # bf16 matmul outputs round relative to their size: keep q . codes small
     )  # (2, Hkv, B, L, D), (2, Hkv, B, L) x 2
     raw = torch.matmul(qh, codes[0].transpose(-1, -2)).float()  # (Hkv, B, G, L): q . k_codes
     qsum = qh.float().sum(-1, keepdim=True)  # (Hkv, B, G, 1)

@@ -95,6 +95,7 @@ def integer_rows(
     head_dim: int,
     bits: int,
     dtype: torch.dtype,
+    centered: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gathered quantized block rows (2 Hkv B nblk, block_bytes), ordered (K/V head, sequence, block), left
     un-dequantized: the integer codes as ``dtype`` (2, Hkv, B, L, D) (exact: at most 255), and scales and
@@ -103,11 +104,20 @@ def integer_rows(
     For attention that folds the per-token affine map into its own small tensors instead of dequantizing
     every element: ``q . (s k + z) = s (q . k) + z sum(q)`` and ``sum_t p_t (s_t v_t + z_t) =
     (p s) @ v + sum_t p_t z_t``.
+
+    ``centered``: codes minus 2**(bits-1) (int8: -128..127, int4: -8..7) with the zeros moved up by
+    2**(bits-1) * scale; the same values. Matmuls over the codes then carry no common offset of ~128 per
+    element: a bf16 matmul rounds its output relative to the output's size, and ``q . codes`` with unsigned
+    codes is mostly that offset times ``sum(q)``, which the zero term then cancels (measured: 2.3-2.6x the
+    error of dequantize-then-attend in bf16 without centering, on par with it centered).
     """
     values, scales, zeros = _split(rows, block_size, head_dim, bits)
     shape = (2, hkv, b, nblk * block_size)
-    return (
-        unpack_codes(values, bits).to(dtype).view(*shape, head_dim),
-        scales.float().reshape(shape),
-        zeros.float().reshape(shape),
-    )
+    codes = unpack_codes(values, bits)  # (..., bs, D) uint8
+    scale_f, zero_f = scales.float().reshape(shape), zeros.float().reshape(shape)
+    if centered:
+        offset = 1 << (bits - 1)
+        # 8 bits: flipping the top bit and reading the byte as int8 is c - 128; 4 bits: 0..15 fits int8
+        codes = (codes ^ 0x80).view(torch.int8) if bits == 8 else codes.view(torch.int8) - offset
+        zero_f = zero_f + offset * scale_f
+    return codes.to(dtype).view(*shape, head_dim), scale_f, zero_f
