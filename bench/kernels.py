@@ -170,7 +170,8 @@ def time_layer(layer: Layer, ms: list[int], copy_gbps: float, deadline: float) -
 
 
 def split_k_sweep(layer: Layer, deadline: float) -> list[dict[str, Any]]:
-    from qserve.kernels.quant_matmul import _num_sms, choose_path, split_k_for
+    from qserve.kernels.quant_matmul import choose_path, split_k_for
+    from qserve.kernels.quant_matmul_configs import _num_sms
 
     rows: list[dict[str, Any]] = []
     for m in (1, 16):
@@ -235,7 +236,8 @@ def recommend(rows: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> dict[s
 
 def autotune_choices() -> dict[str, dict[str, str]]:
     """The config each autotuner picked, per key (BLOCK_M or M bucket, N, K, [group], split, dtypes)."""
-    mod = sys.modules["qserve.kernels.quant_matmul"]  # loaded by now; the package attribute is the function
+    from qserve.kernels import quant_matmul_launch as mod  # holds the four autotuned kernels
+
     out = {}
     for name in ("_W4_GEMV", "_W4_GEMM", "_W8_GEMV", "_W8_GEMM"):
         tuner = getattr(mod, name, None)
