@@ -1,4 +1,4 @@
-"""Perplexity of a model on a text, through the engine's own forward (prompt logprobs)."""
+"""Perplexity of a model on a text, and greedy agreement between two engines, through the engine's own forward."""
 
 from __future__ import annotations
 
@@ -43,3 +43,69 @@ def perplexity(llm: LLM, text: str, context: int = 512, max_tokens: int | None =
             nll -= lp.logprob
             n += 1
     return PerplexityResult(math.exp(nll / n), n, n / elapsed, nll / n)
+
+
+@dataclass(frozen=True)
+class GreedyAgreement:
+    """How closely one engine's greedy outputs follow a reference engine's on the same prompts."""
+
+    free_run: float  # generated independently, position by position: one flip changes every later token
+    diverged_at: list[int]  # first differing position of each output that differs anywhere (sorted)
+    # at each first difference, the reference's logprob of its own token minus that of the other engine's
+    # token (the same prefix, so the same distribution up to numerics): how close a tie was flipped
+    divergence_gaps: list[float]
+    # first differences where each engine's token is among the other's top-k (vLLM's check_logprobs_close)
+    divergences_in_top_k: int
+    teacher_forced: float  # reference outputs fed back: share of positions whose top-1 is the same token
+    outputs: int
+    tokens: int
+
+
+def greedy_agreement(
+    ref: LLM, llm: LLM, prompts: list[str], max_tokens: int = 64, top_k: int = 5
+) -> GreedyAgreement:
+    """Compare ``llm``'s greedy decoding with ``ref``'s: free-running, and teacher-forced on ``ref``'s outputs.
+
+    Teacher-forced agreement is llama.cpp's "same top p": per token, without the cascade that makes a single
+    near-tie flip cost the rest of a free-running output. At each first difference the two engines have seen
+    the same tokens, so vLLM's accuracy tests accept it when each chosen token is in the other's top ``top_k``.
+    """
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=top_k)
+    want, got = ref.generate(prompts, params), llm.generate(prompts, params)
+    same = total = in_top = 0
+    diverged: list[int] = []
+    gaps: list[float] = []
+    for w, g in zip(want, got, strict=True):
+        pairs = list(zip(w.token_ids, g.token_ids, strict=True))
+        same += sum(a == b for a, b in pairs)
+        total += len(pairs)
+        first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        if first is None:
+            continue
+        assert w.logprobs is not None and g.logprobs is not None
+        w_top, g_top = w.logprobs[first].top, g.logprobs[first].top  # token id -> logprob, same prefix
+        diverged.append(first)
+        in_top += pairs[first][1] in w_top and pairs[first][0] in g_top
+        gaps.append(w.logprobs[first].logprob - w_top.get(pairs[first][1], -math.inf))
+    full = [list(w.prompt_token_ids) + list(w.token_ids) for w in want]
+    scored = llm.generate(
+        prompt_token_ids=full,
+        sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0),
+    )
+    forced = 0
+    for out, ids, w in zip(scored, full, want, strict=True):
+        assert out.prompt_logprobs is not None
+        for pos in range(len(w.prompt_token_ids), len(ids)):
+            lp = out.prompt_logprobs[pos]
+            assert lp is not None
+            forced += max(lp.top.items(), key=lambda kv: kv[1])[0] == ids[pos]
+    order = sorted(range(len(diverged)), key=diverged.__getitem__)
+    return GreedyAgreement(
+        same / total,
+        [diverged[i] for i in order],
+        [gaps[i] for i in order],
+        in_top,
+        forced / total,
+        len(prompts),
+        total,
+    )

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from qserve import LLM, SamplingParams
+from qserve import LLM
 from qserve.demo import HELDOUT_TEXT, MODEL_DIR
-from qserve.eval import perplexity
+from qserve.eval import greedy_agreement, perplexity
 
 pytestmark = pytest.mark.skipif(
     not (MODEL_DIR / "model.safetensors").is_file(), reason="demo model not built"
 )
+
+# The issue asks that >= 95% of greedy tokens equal fp KV's. Free-running, one flipped near-tie changes the
+# rest of that output, so the share measures how flat the model is as much as the cache: on these 16 prompts
+# int8 KV matches 93.6% (2 outputs diverge, at near-ties 0.001 and 0.013 nats apart), on 64 prompts 91.4%,
+# while bf16 compute against fp32 compute, both with full-precision KV, matches 73-83%. bench/RESULTS.md
+# ("Greedy agreement") has the measurements; the bar below is what the demo model meets, and the
+# near-tie and per-token checks in the test are what tell a correct int8 cache from a worse one.
+FREE_RUN_BAR = 0.90
 
 
 def test_quantized_kv_perplexity_goals() -> None:
@@ -24,18 +32,19 @@ def test_quantized_kv_perplexity_goals() -> None:
     assert ppl["int4"] != ppl["fp32"]  # the quantized path really ran
 
 
-def test_int8_kv_greedy_close_to_fp_kv() -> None:
-    # The issue asks for >= 95% of greedy tokens equal. This demo model's distributions are flat (held-out
-    # perplexity ~57), so near-ties flip: measured 94.9% on these 16 prompts, 91.6% on 64 (perplexity
-    # change +0.001%). The bar below is what the current demo model meets; a stronger demo model should
-    # restore 95%.
+def _heldout_prompts(n: int) -> list[str]:
     lines = [ln for ln in HELDOUT_TEXT.read_text().splitlines() if len(ln.strip()) > 20]
-    prompts = lines[:: max(1, len(lines) // 16)][:16]
-    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-    ref = LLM("demo", dtype="float32", kv_cache_dtype="fp32").generate(prompts, params)
-    got = LLM("demo", dtype="float32", kv_cache_dtype="int8").generate(prompts, params)
-    same = sum(
-        a == b for r, g in zip(ref, got, strict=True) for a, b in zip(r.token_ids, g.token_ids, strict=True)
-    )
-    total = sum(len(r.token_ids) for r in ref)
-    assert same / total >= 0.90, f"int8 KV matched {same}/{total} greedy tokens"
+    return lines[:: max(1, len(lines) // n)][:n]
+
+
+def test_int8_kv_greedy_close_to_fp_kv() -> None:
+    ref = LLM("demo", dtype="float32", kv_cache_dtype="fp32")
+    int8 = greedy_agreement(ref, LLM("demo", dtype="float32", kv_cache_dtype="int8"), _heldout_prompts(16))
+    assert int8.free_run >= FREE_RUN_BAR, int8
+    # every divergence is a near-tie: the same prefix, both tokens in each other's top-5 (vLLM's criterion
+    # for quantized KV), and within 0.05 nats in the fp reference (measured 0.001 and 0.013; int4 KV flips
+    # choices up to 0.45 nats apart)
+    assert int8.divergences_in_top_k == len(int8.diverged_at), int8
+    assert max(int8.divergence_gaps, default=0.0) < 0.05, int8
+    # per token (no cascade): int8 flips about 1 in 300-500 top-1 choices, int4 about 1 in 30
+    assert int8.teacher_forced >= 0.995, int8
