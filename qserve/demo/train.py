@@ -690,9 +690,9 @@ Greedy completions (64 new tokens, `transformers` `generate`, fp32, `do_sample=F
 
 {comp}
 
-Limitations: the model saw about 4.9M tokens of one code base; it is compute-limited (held-out loss fell ~0.1
-nats per 100 steps until the learning rate decayed) and much weaker than any real code model. Greedy decoding often
-falls into loops (e.g. repeated `import` lines); it writes Python-shaped text, not working programs.
+Limitations: the model saw about {r["steps"] * tc["batch_size"] * tc["seq_len"] / 1e6:.1f}M tokens ({r["epochs"]} epochs) of one code base;
+it is compute-limited and much weaker than any real code model. Greedy decoding often falls into loops (e.g.
+repeated lines); it writes Python-shaped text, not working programs.
 
 ## Files
 
@@ -733,8 +733,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--artifacts", default=str(HERE), help="where loss.csv, loss.png, MODEL_CARD.md go")
     ap.add_argument(
         "--steps",
-        default="1200",
-        help="training steps (1200: ~30-35 min on 2 idle cores), or 'auto' to fit --time-budget",
+        default="3000",
+        help="training steps (3000, the shipped model: ~70-75 min on 2 idle cores), or 'auto' to fit --time-budget",
     )
     ap.add_argument("--time-budget", type=float, default=36.0, help="minutes of training for --steps auto")
     ap.add_argument("--seq-len", type=int, default=512)
