@@ -23,13 +23,8 @@ from __future__ import annotations
 import argparse
 
 from qserve import LLM
-from qserve.demo import HELDOUT_TEXT
+from qserve.demo import heldout_prompts
 from qserve.eval import greedy_agreement
-
-
-def prompts_from_heldout(n: int) -> list[str]:
-    lines = [ln for ln in HELDOUT_TEXT.read_text().splitlines() if len(ln.strip()) > 20]
-    return lines[:: max(1, len(lines) // n)][:n]
 
 
 def main() -> None:
@@ -38,7 +33,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
-    prompts = prompts_from_heldout(args.prompts)
+    prompts = heldout_prompts(args.prompts)
     rows = []
     fp32 = LLM(args.model, dtype="float32", kv_cache_dtype="fp32")
     bf16 = LLM(args.model, dtype="bfloat16", kv_cache_dtype="auto")

@@ -73,8 +73,7 @@ def greedy_agreement(
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=top_k)
     want, got = ref.generate(prompts, params), llm.generate(prompts, params)
     same = total = in_top = 0
-    diverged: list[int] = []
-    gaps: list[float] = []
+    divergences: list[tuple[int, float]] = []  # (first differing position, gap in the reference's logprobs)
     for w, g in zip(want, got, strict=True):
         pairs = list(zip(w.token_ids, g.token_ids, strict=True))
         same += sum(a == b for a, b in pairs)
@@ -83,14 +82,14 @@ def greedy_agreement(
         if first is None:
             continue
         assert w.logprobs is not None and g.logprobs is not None
+        mine, theirs = pairs[first]
         w_top, g_top = w.logprobs[first].top, g.logprobs[first].top  # token id -> logprob, same prefix
-        diverged.append(first)
-        in_top += pairs[first][1] in w_top and pairs[first][0] in g_top
-        gaps.append(w.logprobs[first].logprob - w_top.get(pairs[first][1], -math.inf))
+        in_top += theirs in w_top and mine in g_top
+        divergences.append((first, w.logprobs[first].logprob - w_top.get(theirs, -math.inf)))
     full = [list(w.prompt_token_ids) + list(w.token_ids) for w in want]
     scored = llm.generate(
         prompt_token_ids=full,
-        sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0),
+        sampling_params=SamplingParams(max_tokens=0, prompt_logprobs=1, temperature=0.0),
     )
     forced = 0
     for out, ids, w in zip(scored, full, want, strict=True):
@@ -99,11 +98,11 @@ def greedy_agreement(
             lp = out.prompt_logprobs[pos]
             assert lp is not None
             forced += max(lp.top.items(), key=lambda kv: kv[1])[0] == ids[pos]
-    order = sorted(range(len(diverged)), key=diverged.__getitem__)
+    divergences.sort()
     return GreedyAgreement(
         same / total,
-        [diverged[i] for i in order],
-        [gaps[i] for i in order],
+        [pos for pos, _ in divergences],
+        [gap for _, gap in divergences],
         in_top,
         forced / total,
         len(prompts),

@@ -13,3 +13,9 @@ _HERE = Path(__file__).resolve().parent
 MODEL_DIR: Path = _HERE / "model"
 HELDOUT_TEXT: Path = _HERE / "data" / "heldout.txt"
 CALIB_TEXT: Path = _HERE / "data" / "calib.txt"
+
+
+def heldout_prompts(n: int) -> list[str]:
+    """``n`` held-out lines longer than 20 characters, evenly spaced through `HELDOUT_TEXT` (agreement tests)."""
+    lines = [ln for ln in HELDOUT_TEXT.read_text().splitlines() if len(ln.strip()) > 20]
+    return lines[:: max(1, len(lines) // n)][:n]

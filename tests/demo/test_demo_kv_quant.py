@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qserve import LLM
-from qserve.demo import HELDOUT_TEXT, MODEL_DIR
+from qserve.demo import HELDOUT_TEXT, MODEL_DIR, heldout_prompts
 from qserve.eval import greedy_agreement, perplexity
 
 pytestmark = pytest.mark.skipif(
@@ -32,14 +32,9 @@ def test_quantized_kv_perplexity_goals() -> None:
     assert ppl["int4"] != ppl["fp32"]  # the quantized path really ran
 
 
-def _heldout_prompts(n: int) -> list[str]:
-    lines = [ln for ln in HELDOUT_TEXT.read_text().splitlines() if len(ln.strip()) > 20]
-    return lines[:: max(1, len(lines) // n)][:n]
-
-
 def test_int8_kv_greedy_close_to_fp_kv() -> None:
     ref = LLM("demo", dtype="float32", kv_cache_dtype="fp32")
-    int8 = greedy_agreement(ref, LLM("demo", dtype="float32", kv_cache_dtype="int8"), _heldout_prompts(16))
+    int8 = greedy_agreement(ref, LLM("demo", dtype="float32", kv_cache_dtype="int8"), heldout_prompts(16))
     assert int8.free_run >= FREE_RUN_BAR, int8
     # every divergence is a near-tie: the same prefix, both tokens in each other's top-5 (vLLM's criterion
     # for quantized KV), and within 0.05 nats in the fp reference (measured 0.001 and 0.013; int4 KV flips
