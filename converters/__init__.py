@@ -6,8 +6,13 @@ The tensor layout lives in :mod:`qserve.kernels.packing` (documented in docs/FOR
 
 from __future__ import annotations
 
-from qserve.converters.convert import convert
-from qserve.converters.rtn import quantize_weight
-from qserve.kernels.packing import QuantizedWeight
+if __name__ != "qserve.converters":  # imported as bare `converters` because the repo root is on sys.path
+    from qserve.kernels._bare_name import hand_over
 
-__all__ = ["QuantizedWeight", "convert", "quantize_weight"]
+    hand_over(__name__, __file__)
+else:
+    from qserve.converters.convert import convert
+    from qserve.converters.rtn import quantize_weight
+    from qserve.kernels.packing import QuantizedWeight
+
+    __all__ = ["QuantizedWeight", "convert", "quantize_weight"]

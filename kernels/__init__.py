@@ -11,6 +11,11 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+if __name__ != "qserve.kernels":  # imported as bare `kernels` because the repo root is on sys.path
+    from qserve.kernels._bare_name import hand_over
+
+    hand_over(__name__, __file__)
+
 if TYPE_CHECKING:
     from qserve.kernels.quant_matmul import quant_matmul
 
@@ -36,4 +41,5 @@ class _Package(types.ModuleType):
         super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _Package
+if __name__ == "qserve.kernels":
+    sys.modules[__name__].__class__ = _Package

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 FAST = dict(look_back_s=2.0, metrics_interval_s=0.5, routing_stats_period_s=0.5, stats_interval_s=0.5)
 
 
@@ -173,7 +174,9 @@ def test_cli_replicas_session_affinity_beats_random_routing(tmp_path: Path) -> N
     with open(log, "wb") as f:
         cmd = [sys.executable, "-m", "qserve.cli", *args, "--port", str(port)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        # from the repo root, as a user in a clone starts it: the replicas' workers must not import the
+        # repo's kernels/ folder as Hugging Face's `kernels` (tests/test_root_dir.py)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
         wait_for_line(proc, log, f"serving 'demo' on {url}/v1", timeout=180)
         ray.init(address="auto", namespace="qserve", log_to_driver=False)  # the CLI's cluster
