@@ -9,7 +9,7 @@ PORT ?= 8000
 # torch goes in first, on its own: which build is right depends on the machine, so it is pinned by version here
 # and left out of the locks. A bare `torch==2.13.0` takes the CPU wheel on this project's machines (it lies on
 # their disk) and the CUDA build from PyPI on an ordinary Linux machine. TORCH_INDEX picks the build elsewhere:
-#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu     # CPU-only build, ~200 MB
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu     # the CPU-only build
 #   make serve TORCH_INDEX=https://download.pytorch.org/whl/cu128  # a given CUDA build
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
@@ -21,8 +21,9 @@ PIP_LOCKED := -m pip install -q --require-hashes --no-deps
 
 .PHONY: install install-serve serve test check lock test-latest lint clean
 
-$(VENV)/.torch:
+$(VENV)/.torch: requirements/pip.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) $(PIP_LOCKED) -r requirements/pip.txt
 	$(VPY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
 	touch $@
 
@@ -62,6 +63,7 @@ check:
 # serve.txt is resolved under dev.txt's pins, so the two never disagree.
 lock:
 	test -x $(VENV)/bin/uv || { test -x $(VPY) || $(PY) -m venv $(VENV); $(VPY) -m pip install -q uv; }
+	$(VENV)/bin/uv pip compile requirements/pip.in $(LOCK_FLAGS) -o requirements/pip.txt
 	$(VENV)/bin/uv pip compile pyproject.toml requirements/build.in --extra dev $(LOCK_FLAGS) -o requirements/dev.txt
 	$(VENV)/bin/uv pip compile pyproject.toml requirements/build.in --extra server $(LOCK_FLAGS) -c requirements/dev.txt \
 		-o requirements/serve.txt
@@ -71,6 +73,7 @@ lock:
 test-latest:
 	rm -rf .venv-latest
 	$(PY) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) '$(TORCH)'
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
 	.venv-latest/bin/python -m pip list --format freeze > .venv-latest/versions.txt

@@ -93,10 +93,10 @@ def test_lock_satisfies_pyproject(lock: str, extra: str) -> None:
         )
 
 
-@pytest.mark.parametrize("lock", ["dev.txt", "serve.txt"])
+@pytest.mark.parametrize("lock", ["dev.txt", "serve.txt", "pip.txt"])
 def test_every_pin_has_hashes(lock: str) -> None:
     pins = read_lock(ROOT / "requirements" / lock)
-    assert len(pins) > 20
+    assert pins
     assert "torch" not in {p.name for p in pins}
     assert [p.name for p in pins if p.hashes == 0] == []
 
