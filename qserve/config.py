@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,5 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     seed: int = 0  # for requests without their own seed
     enable_prefix_caching: bool = True  # share KV blocks of identical prompt prefixes across requests
+    # True: run every step eagerly (no torch.compile). Default from QSERVE_ENFORCE_EAGER=1, else False.
+    enforce_eager: bool = field(default_factory=lambda: os.environ.get("QSERVE_ENFORCE_EAGER") == "1")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,10 @@ import pytest
 import torch
 
 from tests.tiny_models import make_tiny_model
+
+# Engines built by tests (and the servers they start) run eager: compiling each tiny model would cost
+# 10-60 s on the 2-core CI machine. tests/engine/test_compiled.py builds compiled engines explicitly.
+os.environ.setdefault("QSERVE_ENFORCE_EAGER", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

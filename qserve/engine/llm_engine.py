@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,7 +13,8 @@ import torch
 from qserve.cache.kv_cache import KVCacheSpec, resolve_kv_dtype
 from qserve.cache.kv_cache_manager import KVCacheManager
 from qserve.config import EngineConfig, ModelConfig, canonical_dtype, resolve_model_path
-from qserve.engine.metrics import EngineMetrics
+from qserve.engine.compiled import CompiledForward, use_cache_dir
+from qserve.engine.metrics import EngineMetrics, StepRecord
 from qserve.engine.model_runner import ModelRunner
 from qserve.engine.scheduler import Scheduler
 from qserve.engine.sequence import Sequence
@@ -80,7 +82,24 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         layout = KVLayout(config.block_size, cfg.head_dim, self.kv_spec.quant_bits)
         caches = self.kv_spec.allocate(num_blocks, self.device)
-        self.runner = ModelRunner(self.model, caches, self.kv, layout, self.device)
+        # torch.compile on CPU (CUDA runs eager until graphs land); steps past the token budget run eager
+        compiled = None
+        if not config.enforce_eager and self.device.type == "cpu":
+            compiled = CompiledForward(self.model, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            self.model,
+            caches,
+            self.kv,
+            layout,
+            self.device,
+            max_tokens=config.max_num_batched_tokens,
+            max_seqs=config.max_num_seqs,
+            max_blocks=-(-self.max_model_len // config.block_size),
+            compiled=compiled,
+        )
+        if compiled is not None:
+            seconds = compiled.warm_up(self.runner.buffers, caches, layout)
+            logger.info("compiled the forward in %.1f s (inductor cache: %s)", seconds, use_cache_dir())
         if self.device.type == "cuda":
             self._check_activation_estimate(config, layout)
         self.eos_token_ids = set(cfg.eos_token_ids)
@@ -91,6 +110,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._generator = torch.Generator().manual_seed(config.seed)
         self.stats = EngineMetrics()
+        self._last_forward_end = 0.0
+        self._pending_after_last = False  # whether work was left when the last step ended
+        self.on_scheduled: Callable[[], None] | None = None  # called after scheduling a non-empty step
 
     def _num_blocks(self, config: EngineConfig) -> int:
         """KV pool size, by the planner's formulas (``qserve plan`` prints the same numbers)."""
@@ -112,12 +134,9 @@ class LLMEngine:
             meta = AttentionMetadata(
                 slot_mapping=torch.arange(t, device=dev),
                 block_tables=torch.arange(nblk, dtype=torch.int32, device=dev)[None],
-                seq_lens=[t],
-                query_start_loc=[0, t],
-                num_decodes=0,
+                seq_lens=torch.tensor([t], dtype=torch.int32, device=dev),
+                query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=dev),
                 kv_layout=layout,
-                seq_lens_tensor=torch.tensor([t], dtype=torch.int32, device=dev),
-                query_start_loc_tensor=torch.tensor([0, t], dtype=torch.int32, device=dev),
             )
             ids = torch.zeros(t, dtype=torch.int64, device=dev)
             torch.cuda.synchronize(dev)
@@ -207,6 +226,8 @@ class LLMEngine:
         t1 = time.perf_counter()
         if so.is_empty:
             return []
+        if self.on_scheduled is not None:
+            self.on_scheduled()
         ro = self.runner.execute(so)
         t2 = time.perf_counter()
         outputs: list[RequestOutput] = []
@@ -220,7 +241,13 @@ class LLMEngine:
                 continue
             outputs.append(self._append_token(seq, ro.sampled[seq.seq_id], ro.logprobs.get(seq.seq_id)))
         t3 = time.perf_counter()
-        self.stats.record_step(so, ro.seconds, schedule=t1 - t0, detokenize=t3 - t2, total=t3 - t0)
+        phases = {"schedule": t1 - t0, "detokenize": t3 - t2, "total": t3 - t0, **ro.seconds}
+        step = StepRecord(ro.forward_end, ro.device_seconds, phases)
+        # a gap counts only when this step followed the last one with no idle wait in between
+        gap = ro.forward_start - self._last_forward_end if self._pending_after_last else None
+        self.stats.record_step(so, step, gap)
+        self._last_forward_end = ro.forward_end
+        self._pending_after_last = self.scheduler.has_unfinished()
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: Any) -> RequestOutput:

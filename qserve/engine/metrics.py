@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qserve.engine.busy import WINDOW_SECONDS, BusyWindow, busy_ratio
 from qserve.engine.scheduler import SchedulerOutput
 from qserve.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from qserve.engine.llm_engine import LLMEngine
 
-WINDOW_SECONDS = 10.0  # device_busy_ratio and step timings average over this much recent wall time
 PHASES = ("schedule", "prepare", "forward", "sample", "detokenize")
 # DESIGN §4: the metric names LLM.metrics() returns and /metrics exports (with the qserve_ prefix)
 METRIC_NAMES: tuple[str, ...] = (
@@ -30,8 +32,21 @@ METRIC_NAMES: tuple[str, ...] = (
     "batch_size",
     "device_busy_ratio",
     "step_seconds",
+    "step_gap_seconds",
     "admission_headroom_sequences",
 )
+
+
+GAP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+@dataclass
+class StepRecord:
+    """One engine step: when its device work ended (monotonic), how long it took, and its phases."""
+
+    forward_end: float
+    device_seconds: float  # device time of the forward (CUDA events on GPU, the forward's wall time on CPU)
+    phases: dict[str, float]
 
 
 @dataclass
@@ -42,23 +57,25 @@ class EngineMetrics:
     ttft: list[float] = field(default_factory=list)  # seconds, per finished request (bounded below)
     tpot: list[float] = field(default_factory=list)
     batch_size: int = 0
-    # (end time, step seconds by phase) of recent steps
-    steps: deque[tuple[float, dict[str, float]]] = field(default_factory=deque)
+    steps: deque[StepRecord] = field(default_factory=deque)  # the last WINDOW_SECONDS of steps
+    busy: BusyWindow = field(default_factory=BusyWindow)
+    # host gaps between consecutive device steps while work was pending: count per GAP_BUCKETS bucket (+inf last)
+    gap_counts: list[int] = field(default_factory=lambda: [0] * (len(GAP_BUCKETS) + 1))
+    gap_sum: float = 0.0
 
-    def record_step(
-        self,
-        so: SchedulerOutput,
-        runner_seconds: dict[str, float],
-        schedule: float,
-        detokenize: float,
-        total: float,
-    ) -> None:
-        now = time.monotonic()
+    def record_step(self, so: SchedulerOutput, step: StepRecord, gap: float | None) -> None:
+        """Record a finished step; ``gap``: host time since the previous step's forward ended, when the
+        engine went straight from that step to this one (None after an idle wait)."""
         self.batch_size = len(so.scheduled)
-        self.steps.append(
-            (now, {"schedule": schedule, "detokenize": detokenize, "total": total, **runner_seconds})
-        )
-        while self.steps and self.steps[0][0] < now - WINDOW_SECONDS:
+        self.steps.append(step)
+        self.busy.add(step.forward_end - step.device_seconds, step.forward_end)
+        self._prune(step.forward_end)
+        if gap is not None:
+            self.gap_sum += gap
+            self.gap_counts[bisect.bisect_left(GAP_BUCKETS, gap)] += 1
+
+    def _prune(self, now: float) -> None:
+        while self.steps and self.steps[0].forward_end < now - WINDOW_SECONDS:
             self.steps.popleft()
 
     def finished(self, seq: Sequence) -> None:
@@ -70,18 +87,24 @@ class EngineMetrics:
         del self.ttft[:-1000], self.tpot[:-1000]
 
     def device_busy_ratio(self) -> float:
-        """Share of recent wall time spent inside the model forward."""
-        if not self.steps:
-            return 0.0
-        now = time.monotonic()
-        first_end, first = self.steps[0]
-        span = max(now - (first_end - first["total"]), 1e-9)
-        return min(1.0, sum(s["forward"] for _, s in self.steps) / span)
+        """Device time over wall time in the last WINDOW_SECONDS (or since start): decays to 0 when idle."""
+        return busy_ratio(self.busy.export())
 
     def step_seconds(self) -> dict[str, float]:
         """Mean seconds per step, by phase, over the window."""
+        self._prune(time.monotonic())
         n = max(len(self.steps), 1)
-        return {p: sum(s.get(p, 0.0) for _, s in self.steps) / n for p in PHASES}
+        return {p: sum(s.phases.get(p, 0.0) for s in self.steps) / n for p in PHASES}
+
+    def step_gaps(self) -> dict[str, Any]:
+        """The gap histogram: bucket upper bounds, cumulative counts (Prometheus order), sum and count."""
+        cumulative = list(itertools.accumulate(self.gap_counts))
+        return {
+            "buckets": list(GAP_BUCKETS),
+            "cumulative": cumulative,
+            "sum": self.gap_sum,
+            "count": cumulative[-1],
+        }
 
     def snapshot(self, engine: LLMEngine) -> dict[str, Any]:
         sched, kv = engine.scheduler, engine.kv
@@ -105,7 +128,9 @@ class EngineMetrics:
             "time_per_output_token_seconds": list(self.tpot),
             "batch_size": self.batch_size if sched.running else 0,
             "device_busy_ratio": self.device_busy_ratio(),
+            "device_busy": self.busy.export(),  # for readers of a later moment: busy.busy_ratio(this, now)
             "step_seconds": self.step_seconds(),
+            "step_gap_seconds": self.step_gaps(),
             "admission_headroom_sequences": headroom,
             "prefix_cache_hit_rate": kv.prefix_hit_rate(),
         }

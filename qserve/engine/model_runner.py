@@ -1,4 +1,4 @@
-"""Builds the packed batch for a SchedulerOutput, runs the model, and samples."""
+"""Builds the packed batch for a SchedulerOutput in the persistent buffers, runs the model, and samples."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 import torch
 
 from qserve.cache.kv_cache_manager import KVCacheManager
+from qserve.engine.compiled import CompiledForward
 from qserve.engine.sampler import sample, token_logprob
 from qserve.engine.scheduler import SchedulerOutput
+from qserve.engine.step_buffers import StepBuffers, StepShape
 from qserve.kernels.attention import KVLayout
+from qserve.kernels.cpu_ops import step_plans
 from qserve.layers.attention import AttentionMetadata
 from qserve.models.registry import CausalLM
 from qserve.types import TokenLogprob
@@ -25,9 +28,33 @@ class ModelRunnerOutput:
     logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> time: prepare, forward, sample
+    padded_tokens: int = 0  # token rows the forward ran at (a bucket when compiled)
+    forward_start: float = 0.0  # monotonic seconds around the forward (host view)
+    forward_end: float = 0.0
+    device_seconds: float = 0.0  # the forward's device time: CUDA events on GPU, its wall time on CPU
+
+
+@dataclass
+class _Batch:
+    """One step's packed batch: the model's inputs, plus the host values sampling needs."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_rows: list[int]  # packed row whose logits are sampled, per sampling sequence
+    query_start_loc: list[int]  # host copy, B + 1
 
 
 class ModelRunner:
+    """Runs one SchedulerOutput: fills the step buffers, calls the (compiled or eager) forward, samples.
+
+    Args:
+        model, kv_caches, kv, kv_layout, device: the loaded model and its paged cache.
+        max_tokens, max_seqs, max_blocks: the step buffers' sizes (token budget, max_num_seqs, blocks per
+            sequence at max_model_len).
+        compiled: the compiled forward (None: eager, as with ``enforce_eager``).
+    """
+
     def __init__(
         self,
         model: CausalLM,
@@ -35,6 +62,10 @@ class ModelRunner:
         kv: KVCacheManager,
         kv_layout: KVLayout,
         device: torch.device,
+        max_tokens: int,
+        max_seqs: int,
+        max_blocks: int,
+        compiled: CompiledForward | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -42,13 +73,13 @@ class ModelRunner:
         self.kv_layout = kv_layout
         self.block_size = kv.block_size
         self.device = device
+        self.buffers = StepBuffers(max_tokens, max_seqs, max_blocks, device)
+        self.compiled = compiled
         # CPU: torch threads for a step of N tokens (None: leave torch's setting alone). A server sharing the
         # cores with its HTTP process gives decode steps one core fewer but big prefills every core.
         self.threads_for: Callable[[int], int] | None = None
 
-    def _prepare(
-        self, so: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _prepare(self, so: SchedulerOutput) -> _Batch:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -56,7 +87,7 @@ class ModelRunner:
         seq_lens: list[int] = []
         qsl = [0]
         tables: list[list[int]] = []
-        logits_rows: list[int] = []  # packed row whose logits are sampled, per sampling sequence
+        logits_rows: list[int] = []
         num_decodes = 0
         for s in so.scheduled:
             seq, start, n = s.seq, s.start, s.num_new_tokens
@@ -71,24 +102,24 @@ class ModelRunner:
             num_decodes += n == 1 and num_decodes == len(seq_lens) - 1
             if s.samples:
                 logits_rows.append(qsl[-1] - 1)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
+        shape = (
+            self.compiled.shape_for(self.buffers, len(input_ids), len(seq_lens)) if self.compiled else None
+        )
+        view = self.buffers.fill(
+            input_ids, positions, slots, seq_lens, qsl, tables,
+            shape or StepShape(len(input_ids), len(seq_lens)),
+        )  # fmt: skip
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            seq_lens=seq_lens,
-            query_start_loc=qsl,
-            num_decodes=num_decodes,
+            slot_mapping=view.slot_mapping,
+            block_tables=view.block_tables,
+            seq_lens=view.seq_lens,
+            query_start_loc=view.query_start_loc,
             kv_layout=self.kv_layout,
         )
-        if dev.type == "cuda":  # the Triton kernels read lengths from device memory
-            meta.seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
-            meta.query_start_loc_tensor = torch.tensor(qsl, dtype=torch.int32, device=dev)
+        if self.device.type == "cuda":  # launch sizes of the Triton kernels (eager, unpadded)
+            meta.num_decodes = num_decodes
             meta.max_decode_seq_len = max(seq_lens[:num_decodes], default=1)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return ids, pos, meta, logits_rows
+        return _Batch(view.input_ids, view.positions, meta, logits_rows, qsl)
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -99,21 +130,33 @@ class ModelRunner:
         ):
             torch.set_num_threads(n)
         t0 = time.perf_counter()
-        ids, pos, meta, logits_rows = self._prepare(so)
+        batch = self._prepare(so)
         t1 = time.perf_counter()
-        hidden = self.model(ids, pos, meta, self.kv_caches)  # (T, hidden)
-        sampling = [s.seq for s in so.scheduled if s.samples]
-        logits = self.model.compute_logits(hidden[logits_rows]) if sampling else None  # (S, V)
+        out.padded_tokens = batch.ids.shape[0]
+        compiled = self.compiled is not None and out.padded_tokens <= self.compiled.max_tokens
+        forward = self.compiled.forward if self.compiled is not None and compiled else self.model
+        events = None
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
+        with step_plans():
+            hidden = forward(batch.ids, batch.positions, batch.meta, self.kv_caches)  # (T, H)
+        sampling = [s.seq for s in so.scheduled if s.samples]
+        logits = self.model.compute_logits(hidden[batch.logits_rows]) if sampling else None  # (S, V)
+        if events is not None:
+            events[1].record()
+            events[1].synchronize()
         t2 = time.perf_counter()
+        out.forward_end = time.monotonic()
+        out.forward_start = out.forward_end - (t2 - t1)
+        out.device_seconds = events[0].elapsed_time(events[1]) / 1e3 if events is not None else t2 - t1
         if logits is not None:
             tokens, lps = sample(logits, [q.params for q in sampling], [q.generator for q in sampling])
             for seq, tok, lp in zip(sampling, tokens, lps, strict=True):
                 out.sampled[seq.seq_id] = tok
                 if lp is not None:
                     out.logprobs[seq.seq_id] = lp
-        self._prompt_logprobs(so, hidden, meta.query_start_loc, out)
+        self._prompt_logprobs(so, hidden, batch.query_start_loc, out)
         t3 = time.perf_counter()
         out.seconds = {"prepare": t1 - t0, "forward": t2 - t1, "sample": t3 - t2}
         return out

@@ -2,34 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qserve.kernels.attention import DecodePlan, KVLayout, paged_attention_cpu, store_kv
+from qserve.kernels.attention import KVLayout
+from qserve.kernels.cpu_ops import paged_attention_cpu_op
 
 
 @dataclass
 class AttentionMetadata:
     """Everything attention needs about one packed batch; built by the ModelRunner, passed explicitly.
 
-    Sequences are ordered decodes first: the first ``num_decodes`` have exactly one query token.
-    Device tensors are for kernels; host lists avoid device syncs in the CPU path's Python loop.
+    Sequences are ordered decodes first. The batch may be padded (the compiled CPU step pads it to a bucket):
+    padding token rows come last with slot -1, padding sequences come last with length 0 and an empty query
+    range. Only tensors describe the batch, so a compiled forward reads no Python values that change per step.
     """
 
-    slot_mapping: torch.Tensor  # (T,) int64: cache slot of each new token
-    block_tables: torch.Tensor  # (B, max_blocks) int32, padded with 0
-    seq_lens: list[int]  # B: context length of each sequence including this step's tokens
-    query_start_loc: list[int]  # B + 1: row offsets of each sequence's queries in the packed batch
-    num_decodes: int
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot of each new token, -1 on padding rows
+    block_tables: torch.Tensor  # (S, max_blocks) int32, padded with 0
+    seq_lens: torch.Tensor  # (S,) int32: context length of each sequence including this step's tokens
+    query_start_loc: torch.Tensor  # (S + 1,) int32: row offsets of each sequence's queries
     kv_layout: KVLayout
-    # device copies for the Triton kernels (CUDA only; None on CPU)
-    seq_lens_tensor: torch.Tensor | None = None  # (B,) int32
-    query_start_loc_tensor: torch.Tensor | None = None  # (B + 1,) int32
-    max_decode_seq_len: int = 1  # the longest decode context: sizes the Triton decode split (CUDA)
-    # CPU: the decode gather rows and mask, built by the first layer and reused by the rest of this step
-    cpu_plans: dict[tuple[int, ...], DecodePlan] = field(default_factory=dict)
+    # CUDA launch parameters (the Triton kernels size their grids with them; unpadded batches only)
+    num_decodes: int = 0
+    max_decode_seq_len: int = 1  # the longest decode context: sizes the Triton decode split
 
 
 class Attention(nn.Module):
@@ -49,34 +47,36 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        if q.is_cuda and meta.seq_lens_tensor is not None and meta.query_start_loc_tensor is not None:
+        layout = meta.kv_layout
+        if q.is_cuda:
             from qserve.kernels.paged_attention import paged_attention_triton, store_kv_triton, supports
 
-            if supports(meta.kv_layout):
-                store_kv_triton(k, v, kv_cache, meta.slot_mapping, meta.kv_layout)
+            if supports(layout):
+                store_kv_triton(k, v, kv_cache, meta.slot_mapping, layout)
                 return paged_attention_triton(
                     q,
                     kv_cache,
                     meta.block_tables,
-                    meta.seq_lens_tensor,
-                    meta.query_start_loc_tensor,
+                    meta.seq_lens,
+                    meta.query_start_loc,
                     meta.num_decodes,
                     self.scale,
-                    meta.kv_layout,
+                    layout,
                     self.sliding_window,
                     max_seq_len=meta.max_decode_seq_len,
                 )
-        store_kv(k, v, kv_cache, meta.slot_mapping, meta.kv_layout)
-        return paged_attention_cpu(
+        return paged_attention_cpu_op(
             q,
+            k,
+            v,
             kv_cache,
+            meta.slot_mapping,
             meta.block_tables,
             meta.seq_lens,
             meta.query_start_loc,
-            meta.num_decodes,
             self.scale,
-            meta.kv_layout,
-            self.sliding_window,
-            new_kv=(k, v),
-            plans=meta.cpu_plans,
+            layout.block_size,
+            layout.head_dim,
+            layout.bits,
+            self.sliding_window or 0,
         )

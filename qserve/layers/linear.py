@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qserve.errors import QServeError
+from qserve.kernels.cpu_ops import linear_packed
 
 if TYPE_CHECKING:
     from qserve.kernels.packing import QuantSpec
@@ -36,7 +37,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+            return linear_packed(x, self._packed, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
     def prepack_cpu(self) -> None:

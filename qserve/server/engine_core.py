@@ -90,9 +90,18 @@ class EngineCore:
         self.live: set[str] = set()  # requests added and not yet finished
         self.started: set[str] = set()  # requests that sent their first update
         self.abort_at: float | None = None  # drain deadline (monotonic)
+        self.last_snapshot = 0.0
+        # gauges stay fresh during a long step: a snapshot right after scheduling, when one is due
+        engine.on_scheduled = self._snapshot_if_due
+
+    def _snapshot_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self.last_snapshot > SNAPSHOT_INTERVAL:
+            self.last_snapshot = now
+            msg = StepUpdate(metrics=self.engine.metrics(), waiting=len(self.engine.scheduler.waiting))
+            self.conn.send(("step", msg))
 
     def run(self) -> None:
-        last_snapshot = 0.0
         while True:
             busy = self.engine.has_unfinished_requests()
             msg = StepUpdate()
@@ -112,9 +121,9 @@ class EngineCore:
             if self.engine.has_unfinished_requests():
                 self._step(msg)
             now = time.monotonic()
-            if not self.engine.has_unfinished_requests() or now - last_snapshot > SNAPSHOT_INTERVAL:
+            if not self.engine.has_unfinished_requests() or now - self.last_snapshot > SNAPSHOT_INTERVAL:
                 msg.metrics = self.engine.metrics()
-                last_snapshot = now
+                self.last_snapshot = now
             msg.waiting = len(self.engine.scheduler.waiting)
             if msg.updates or msg.applied_adds or msg.metrics is not None:
                 self.conn.send(("step", msg))

@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from qserve.engine.busy import busy_ratio
 
 P = "qserve_"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -25,7 +27,7 @@ _GAUGES = {
     "kv_cache_usage_ratio": "Share of KV cache blocks in use (0..1).",
     "kv_cache_capacity_tokens": "Tokens the KV cache pool holds.",
     "batch_size": "Sequences in the last step's batch.",
-    "device_busy_ratio": "Share of recent wall time spent inside the model forward.",
+    "device_busy_ratio": "Device time over wall time in the last 10 s (decays to 0 when idle).",
     "admission_headroom_sequences": "How many more average-sized requests fit now.",
     "prefix_cache_hit_rate": "Share of looked-up prompt tokens found in the prefix cache.",
 }
@@ -44,6 +46,8 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self._snapshot()
+        # the snapshot may be old (an idle engine sends none): the busy ratio is computed for now
+        m = {**m, "device_busy_ratio": busy_ratio(m["device_busy"])} if "device_busy" in m else m
         for name, doc in _GAUGES.items():
             if name in m:
                 yield GaugeMetricFamily(P + name, doc, value=float(m[name]))
@@ -63,6 +67,14 @@ class EngineCollector(Collector):
         for phase, seconds in m["step_seconds"].items():
             steps.add_metric([phase], float(seconds))
         yield steps
+        gaps = m["step_gap_seconds"]
+        bounds = [*(str(b) for b in gaps["buckets"]), "+Inf"]
+        yield HistogramMetricFamily(
+            P + "step_gap_seconds",
+            "Host time between consecutive device steps while work was pending.",
+            buckets=list(zip(bounds, map(float, gaps["cumulative"]), strict=True)),
+            sum_value=float(gaps["sum"]),
+        )
 
 
 class ServerMetrics:

@@ -1,0 +1,77 @@
+"""The compiled forward: torch.compile (inductor) of the model over padded step shapes, warmed up at start.
+
+One graph with symbolic sizes serves every padded shape of two or more rows (decode-only and mixed steps
+alike: the paged attention is one custom op that reads the batch from tensors); torch specializes size 1,
+so batch-1 decode gets its own graph. Inductor's caches live in ``TORCHINDUCTOR_CACHE_DIR`` (default
+``~/.cache/qserve/inductor``), so a restart re-traces but does not re-generate or re-build the kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from qserve.engine.step_buffers import StepBuffers, StepShape
+from qserve.kernels.attention import KVLayout
+from qserve.kernels.cpu_ops import step_plans
+from qserve.layers.attention import AttentionMetadata
+
+logger = logging.getLogger("qserve")
+CACHE_DIR = Path.home() / ".cache" / "qserve" / "inductor"
+
+
+def use_cache_dir() -> str:
+    """Point inductor's on-disk caches at qserve's (unless the user chose one) and return the directory."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
+
+
+class CompiledForward:
+    """torch.compile of ``model`` for steps of up to ``max_tokens`` rows, padded to the buffers' buckets.
+
+    Args:
+        model: the CausalLM; called as ``model(input_ids, positions, meta, kv_caches)``.
+        max_tokens: the largest padded token count run compiled; larger steps run eager.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_tokens: int):
+        use_cache_dir()
+        self.max_tokens = max_tokens
+        self.forward: Callable[..., torch.Tensor] = torch.compile(model, dynamic=True, fullgraph=True)
+        self.warmup_seconds = 0.0
+
+    def shape_for(self, buffers: StepBuffers, tokens: int, seqs: int) -> StepShape | None:
+        """The padded shape a step runs at, or None (eager, exact size) above ``max_tokens``."""
+        shape = buffers.padded_shape(tokens, seqs)
+        return shape if shape is not None and shape.tokens <= self.max_tokens else None
+
+    def warm_up(
+        self,
+        buffers: StepBuffers,
+        kv_caches: list[torch.Tensor],
+        layout: KVLayout,
+        progress: Callable[[str], None] = logger.info,
+    ) -> float:
+        """Compile every graph shape before the first request: batch-1 decode, and the symbolic-size graph.
+
+        The warm-up batches are all padding (no KV write, nothing attended), so the cache is untouched.
+        Distinct sizes for token rows and sequences keep torch from assuming they are equal.
+        """
+        shapes = [StepShape(1, 1)]
+        if buffers.max_tokens >= 4 and len(buffers.buckets) > 2:
+            shapes.append(StepShape(buffers.buckets[2], min(3, buffers.max_seqs)))
+        t0 = time.perf_counter()
+        for i, shape in enumerate(shapes, 1):
+            progress(f"compiling the forward: graph {i}/{len(shapes)} ({shape.tokens} rows)")
+            view = buffers.fill([], [], [], [], [0], [], shape)
+            meta = AttentionMetadata(
+                view.slot_mapping, view.block_tables, view.seq_lens, view.query_start_loc, layout
+            )
+            with torch.inference_mode(), step_plans():
+                self.forward(view.input_ids, view.positions, meta, kv_caches)
+        self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds

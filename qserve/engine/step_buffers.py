@@ -1,0 +1,123 @@
+"""The step's persistent input buffers and the padded token-count buckets the compiled forward runs at.
+
+Every step writes its inputs in place into buffers allocated once at their maximum size, so a compiled
+graph (and, on CUDA, a captured graph) always reads the same storage. A compiled step pads its token count
+up to a bucket (vLLM's capture sizes: 1, 2, 4, then every 8 up to 256, then every 16), so a handful of graph
+shapes serves every batch. Padding is inert: padding token rows have slot -1 (no KV write) and are never
+sampled; padding sequences have length 0 and an empty query range (kernels.cpu_ops).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+
+def token_buckets(max_tokens: int) -> tuple[int, ...]:
+    """Padded token counts, ascending, the last one ``max_tokens`` (vLLM's capture-size progression)."""
+    sizes = [1, 2, 4, *range(8, 256, 8), *range(256, max_tokens + 1, 16)]
+    return (*(s for s in sizes if s < max_tokens), max_tokens)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The (possibly padded) sizes one step runs at: token rows and sequence rows."""
+
+    tokens: int
+    seqs: int
+
+
+@dataclass(frozen=True)
+class StepView:
+    """Views of the buffers at one step's shape: what the model reads."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    slot_mapping: torch.Tensor  # (T,) int64, -1 on padding rows
+    seq_lens: torch.Tensor  # (S,) int32, 0 on padding sequences
+    query_start_loc: torch.Tensor  # (S + 1,) int32
+    block_tables: torch.Tensor  # (S, max_blocks) int32
+
+
+class StepBuffers:
+    """Host staging (numpy views, pinned on CUDA) and device buffers, allocated once.
+
+    Args:
+        max_tokens: most token rows in a step (the scheduler's token budget).
+        max_seqs: most sequences in a step.
+        max_blocks: most KV blocks of one sequence (max_model_len / block_size, rounded up).
+        device: where the model reads them; on CPU host and device buffers are the same storage.
+    """
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
+        self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
+        self.buckets = token_buckets(max_tokens)
+        pin = device.type == "cuda"
+        shapes = {
+            "input_ids": ((max_tokens,), torch.int64),
+            "positions": ((max_tokens,), torch.int64),
+            "slot_mapping": ((max_tokens,), torch.int64),
+            "seq_lens": ((max_seqs,), torch.int32),
+            "query_start_loc": ((max_seqs + 1,), torch.int32),
+            "block_tables": ((max_seqs, max_blocks), torch.int32),
+        }
+        self.host = {k: torch.zeros(s, dtype=d, pin_memory=pin) for k, (s, d) in shapes.items()}
+        self.np = {k: t.numpy() for k, t in self.host.items()}
+        self.device_bufs = (
+            self.host if not pin else {k: torch.zeros_like(t, device=device) for k, t in self.host.items()}
+        )
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.device_bufs.values())
+
+    def padded_shape(self, tokens: int, seqs: int) -> StepShape | None:
+        """The bucket a step of ``tokens`` rows runs at, or None when it is larger than every bucket."""
+        i = bisect.bisect_left(self.buckets, tokens)
+        if i == len(self.buckets):
+            return None
+        t = self.buckets[i]
+        return StepShape(t, max(seqs, min(t, self.max_seqs)))
+
+    def fill(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        query_start_loc: list[int],
+        tables: list[list[int]],
+        shape: StepShape,
+    ) -> StepView:
+        """Write one step's inputs (exact sizes) in place and pad them up to ``shape``."""
+        n, b = len(input_ids), len(seq_lens)
+        t, s = shape.tokens, shape.seqs
+        assert n <= t <= self.max_tokens and b <= s <= self.max_seqs, (n, t, b, s)
+        a = self.np
+        a["input_ids"][:n] = input_ids
+        a["positions"][:n] = positions
+        a["slot_mapping"][:n] = slots
+        a["input_ids"][n:t] = 0
+        a["positions"][n:t] = 0
+        a["slot_mapping"][n:t] = -1  # padding rows write no KV
+        a["seq_lens"][:b] = seq_lens
+        a["seq_lens"][b:s] = 0
+        a["query_start_loc"][: b + 1] = query_start_loc
+        a["query_start_loc"][b + 1 : s + 1] = n
+        bt = a["block_tables"]
+        for i, row in enumerate(tables):
+            bt[i, : len(row)] = row
+        if s > b:
+            bt[b:s] = 0
+        if self.device_bufs is not self.host:  # CUDA: one async copy per buffer from pinned memory
+            for k, dev in self.device_bufs.items():
+                rows = t if k in ("input_ids", "positions", "slot_mapping") else s + (k == "query_start_loc")
+                dev[:rows].copy_(self.host[k][:rows], non_blocking=True)
+        d = self.device_bufs
+        return StepView(
+            d["input_ids"][:t],
+            d["positions"][:t],
+            d["slot_mapping"][:t],
+            d["seq_lens"][:s],
+            d["query_start_loc"][: s + 1],
+            d["block_tables"][:s],
+        )

@@ -1,0 +1,118 @@
+"""The compiled forward (torch.compile, inductor) against eager: no graph breaks, and in float32 the same
+tokens with chunked prefill, preemption, prefix caching, int8/int4 KV and int4 weights, greedy and seeded.
+
+Compiling costs 10-30 s per engine on the 2-core CI machine, so each configuration builds one compiled
+engine and runs every check on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from qserve import LLM, SamplingParams
+from qserve.converters import convert
+from qserve.engine.step_buffers import StepShape
+from qserve.kernels.cpu_ops import step_plans
+from qserve.layers.attention import AttentionMetadata
+
+pytestmark = pytest.mark.slow
+
+
+def workload() -> tuple[list[list[int]], list[SamplingParams]]:
+    """Mixed lengths, three prompts sharing a 40-token prefix, greedy and seeded sampling."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(0, 256, (n,), generator=g).tolist()  # noqa: E731
+    shared = rand(40)
+    prompts = [rand(3), rand(70), shared + rand(5), rand(17), shared + rand(9), rand(1), shared, rand(33)]
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    params = [
+        greedy
+        if i % 2 == 0
+        else SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, seed=i, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    return prompts, params
+
+
+# tight KV (preemption) and a small token budget (chunked prefill): 8192 B per block for the tiny llama
+ENGINE = dict(dtype="float32", kv_cache_memory=16 * 8192, max_num_batched_tokens=32, max_num_seqs=8)
+
+
+def run(llm: LLM) -> list[list[int]]:
+    prompts, params = workload()
+    return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
+
+
+def check_same_tokens(path: Path, **kw: object) -> LLM:
+    args = {**ENGINE, **kw}
+    eager = LLM(str(path), enforce_eager=True, **args)  # type: ignore[arg-type]
+    compiled = LLM(str(path), enforce_eager=False, **args)  # type: ignore[arg-type]
+    assert compiled.engine.runner.compiled is not None and eager.engine.runner.compiled is None
+    assert run(compiled) == run(eager)
+    assert compiled.metrics()["preemptions_total"] > 0  # the budget did force recompute preemption
+    assert compiled.metrics()["prefix_cache_hit_rate"] > 0
+    return compiled
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_compiled_matches_eager(arch: str, tiny_model_factory: Callable[..., Path]) -> None:
+    check_same_tokens(tiny_model_factory(arch))
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_compiled_matches_eager_quantized_kv(kv: str, tiny_llama: Path) -> None:
+    check_same_tokens(tiny_llama, kv_cache_dtype=kv)
+
+
+def test_compiled_matches_eager_int4_weights(tiny_llama: Path, tmp_path: Path) -> None:
+    q4 = convert(tiny_llama, tmp_path / "q4", weights="int4", group_size=32, progress=False)
+    llm = check_same_tokens(q4)
+    # padded rows sample nothing: a lone decode ran at bucket 1, bigger batches at their bucket
+    assert llm.engine.runner.buffers.padded_shape(3, 3) == StepShape(4, 4)
+
+
+def explain(llm: LLM) -> object:
+    runner = llm.engine.runner
+    view = runner.buffers.fill([1, 2, 3], [0, 1, 2], [0, 1, 2], [3], [0, 3], [[0]], StepShape(4, 3))
+    meta = AttentionMetadata(view.slot_mapping, view.block_tables, view.seq_lens, view.query_start_loc,
+                             runner.kv_layout)  # fmt: skip
+    with torch.inference_mode(), step_plans():
+        return torch._dynamo.explain(runner.model)(view.input_ids, view.positions, meta, runner.kv_caches)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kw"),
+    [
+        ("llama", dict(dtype="bfloat16")),
+        ("llama", dict(dtype="bfloat16", kv_cache_dtype="int8")),
+        ("llama", dict(dtype="float32", kv_cache_dtype="int4")),
+        ("qwen3", dict(dtype="bfloat16")),
+        ("mistral", dict(dtype="float32")),
+    ],
+)
+def test_no_graph_breaks(arch: str, kw: dict[str, str], tiny_model_factory: Callable[..., Path]) -> None:
+    llm = LLM(str(tiny_model_factory(arch)), enforce_eager=True, kv_cache_memory=1 << 20, **kw)
+    ex = explain(llm)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_no_graph_breaks_quantized_weights(weights: str, tiny_llama: Path, tmp_path: Path) -> None:
+    q = convert(tiny_llama, tmp_path / weights, weights=weights, group_size=32, progress=False)
+    llm = LLM(str(q), enforce_eager=True, kv_cache_memory=1 << 20)
+    ex = explain(llm)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons  # type: ignore[attr-defined]
+
+
+def test_enforce_eager_env_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qserve.config import EngineConfig
+
+    monkeypatch.setenv("QSERVE_ENFORCE_EAGER", "1")
+    assert EngineConfig(model="x").enforce_eager
+    monkeypatch.setenv("QSERVE_ENFORCE_EAGER", "0")
+    assert not EngineConfig(model="x").enforce_eager
+    assert EngineConfig(model="x", enforce_eager=True).enforce_eager
