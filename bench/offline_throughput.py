@@ -1,10 +1,13 @@
-"""Offline throughput: qserve LLM.generate vs the vLLM CPU peer vs transformers generate.
+"""Offline throughput: qserve LLM.generate (compiled and eager) vs the vLLM CPU peer vs transformers generate.
 
-Same model (a random ~83M-parameter Llama in bf16, built here from a config), same prompts (token ids),
-same output lengths (greedy, ignore_eos). Each engine runs in its own process; tokens/s side by side.
+Same model (the demo model, or a random ~83M-parameter Llama in bf16 built here from a config), same prompts
+(token ids), same output lengths (greedy, ignore_eos). Each engine runs in its own process; with --rounds N
+the engines take turns N times (A B A B), and the ratios are computed round by round. vLLM runs as its users
+run it: its default torch.compile path (never enforce_eager). Start-up (and compile) time is not counted.
 
     .venv/bin/python bench/offline_throughput.py                      # all engines, table to stdout
-    .venv/bin/python bench/offline_throughput.py --engines qserve     # just one
+    .venv/bin/python bench/offline_throughput.py --model demo --engines qserve,qserve-eager,vllm --rounds 2 \
+        --requests 48 --prompt-len 24:320 --output-len 96          # issue 16's offline workload
     VLLM_PY=~/.cache/vllm-cpu/bin/python  (the peer's venv; built by ../shared/peers/vllm-cpu.sh)
 """
 
@@ -51,17 +54,24 @@ def build_model() -> None:
     write_byte_tokenizer(MODEL)
 
 
-def workload(n: int, seed: int = 0) -> list[list[int]]:
+def model_dir(name: str) -> Path:
+    if name == "demo":
+        return ROOT / "qserve" / "demo" / "model"
+    build_model()
+    return MODEL
+
+
+def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[int]]:
     import random
 
     rng = random.Random(seed)
-    return [[rng.randrange(300, 32000) for _ in range(rng.randint(32, 256))] for _ in range(n)]
+    return [[rng.randrange(300, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def run_qserve(prompts: list[list[int]], out_len: int) -> dict:
+def run_qserve(model: Path, prompts: list[list[int]], out_len: int, eager: bool) -> dict:
     from qserve import LLM, SamplingParams
 
-    llm = LLM(str(MODEL), max_num_seqs=256, kv_cache_memory=2 << 30)
+    llm = LLM(str(model), max_num_seqs=256, kv_cache_memory=2 << 30, enforce_eager=eager)
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
     t = time.perf_counter()
@@ -71,12 +81,11 @@ def run_qserve(prompts: list[list[int]], out_len: int) -> dict:
     return {"seconds": dt, "tokens": sum(len(o.token_ids) for o in outs), "step_seconds": m["step_seconds"]}
 
 
-def run_vllm(prompts: list[list[int]], out_len: int) -> dict:
+def run_vllm(model: Path, prompts: list[list[int]], out_len: int) -> dict:
     from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
 
-    llm = LLM(
-        model=str(MODEL), dtype="bfloat16", max_model_len=2048, enforce_eager=True, skip_tokenizer_init=True
-    )
+    # vLLM's defaults, compile included; the context is the model's own (1024 for the demo)
+    llm = LLM(model=str(model), dtype="bfloat16", skip_tokenizer_init=True)
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True, detokenize=False)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(inputs[:2], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False), use_tqdm=False)
@@ -86,11 +95,11 @@ def run_vllm(prompts: list[list[int]], out_len: int) -> dict:
     return {"seconds": dt, "tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
 
 
-def run_hf(prompts: list[list[int]], out_len: int, batched: bool) -> dict:
+def run_hf(path: Path, prompts: list[list[int]], out_len: int, batched: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).eval()
     kw = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, pad_token_id=0)
     t = time.perf_counter()
     tokens = 0
@@ -110,65 +119,72 @@ def run_hf(prompts: list[list[int]], out_len: int, batched: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--engines", default="qserve,vllm,hf-batched,hf-single")
+    ap.add_argument("--engines", default="qserve,qserve-eager,vllm,hf-batched,hf-single")
+    ap.add_argument("--model", default="random83m", choices=["random83m", "demo"])
     ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", default="32:256", help="LO:HI, uniform")
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=1, help="engines take turns this many times (A B A B)")
     ap.add_argument(
         "--single-requests", type=int, default=8, help="hf-single runs this many and extrapolates rate"
     )
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
-    prompts = workload(args.requests)
+    path = model_dir(args.model)
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    lo, hi = map(int, args.prompt_len.split(":"))
+    prompts = workload(args.requests, lo, hi, vocab)
     if args.child:
-        if args.child == "qserve":
-            res = run_qserve(prompts, args.output_len)
+        if args.child in ("qserve", "qserve-eager"):
+            res = run_qserve(path, prompts, args.output_len, eager=args.child == "qserve-eager")
         elif args.child == "vllm":
-            res = run_vllm(prompts, args.output_len)
+            res = run_vllm(path, prompts, args.output_len)
         else:
             res = run_hf(
+                path,
                 prompts if args.child == "hf-batched" else prompts[: args.single_requests],
                 args.output_len,
                 batched=args.child == "hf-batched",
             )
         print("RESULT " + json.dumps(res))
         return
-    build_model()
     vllm_py = os.environ.get("VLLM_PY", str(Path.home() / ".cache/vllm-cpu/bin/python"))
-    results = {}
-    for eng in args.engines.split(","):
-        py = vllm_py if eng == "vllm" else sys.executable
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONPATH": str(ROOT)}
-        cmd = [
-            py,
-            __file__,
-            "--child",
-            eng,
-            "--requests",
-            str(args.requests),
-            "--output-len",
-            str(args.output_len),
-            "--single-requests",
-            str(args.single_requests),
-        ]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{eng}: failed\n{p.stderr[-3000:]}")
-            continue
-        results[eng] = json.loads(line[7:])
-        r = results[eng]
-        print(
-            f"{eng:12s} {r['tokens']:6d} tokens in {r['seconds']:7.2f} s = {r['tokens'] / r['seconds']:7.1f} tok/s",
-            flush=True,
-        )
-    base = results.get("qserve")
-    if base:
-        q = base["tokens"] / base["seconds"]
-        for eng, r in results.items():
-            print(f"qserve / {eng}: {q / (r['tokens'] / r['seconds']):.2f}x")
-        print("qserve step seconds by phase:", json.dumps(base.get("step_seconds")))
+    engines = args.engines.split(",")
+    rounds: list[dict[str, dict]] = []
+    for r in range(args.rounds):
+        results: dict[str, dict] = {}
+        for eng in engines:
+            py = vllm_py if eng == "vllm" else sys.executable
+            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONPATH": str(ROOT)}
+            env.pop("QSERVE_ENFORCE_EAGER", None)
+            cmd = [py, __file__, "--child", eng, "--model", args.model, "--requests", str(args.requests),
+                   "--prompt-len", args.prompt_len, "--output-len", str(args.output_len),
+                   "--single-requests", str(args.single_requests)]  # fmt: skip
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{eng}: failed\n{p.stderr[-3000:]}")
+                continue
+            res = results[eng] = json.loads(line[7:])
+            print(
+                f"round {r + 1} {eng:12s} {res['tokens']:6d} tokens in {res['seconds']:7.2f} s = "
+                f"{res['tokens'] / res['seconds']:7.1f} tok/s",
+                flush=True,
+            )
+        rounds.append(results)
+        base = results.get("qserve")
+        if base:
+            q = base["tokens"] / base["seconds"]
+            for eng, res in results.items():
+                print(f"round {r + 1} qserve / {eng}: {q / (res['tokens'] / res['seconds']):.2f}x")
+            for eng in ("qserve", "qserve-eager"):
+                if eng in results:
+                    print(
+                        f"round {r + 1} {eng} step seconds by phase:",
+                        json.dumps(results[eng]["step_seconds"]),
+                    )
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "offline_throughput.json").write_text(json.dumps(results, indent=2))
+    (OUT / f"offline_throughput_{args.model}.json").write_text(json.dumps(rounds, indent=2))
 
 
 if __name__ == "__main__":

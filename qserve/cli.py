@@ -75,7 +75,10 @@ def generate(
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
     )
-    llm = LLM(model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_seqs=1)
+    # one prompt: compiling at start-up would cost more than it saves, so this command runs eager
+    llm = LLM(
+        model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_seqs=1, enforce_eager=True
+    )
     engine = llm.engine
     engine.add_request("cli", prompt, params)
     sys.stdout.write(prompt)
@@ -114,7 +117,11 @@ def eval_(
         text = data.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise QServeError(f"{data} is not UTF-8 text") from None
-    llm = LLM(model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=4096)
+    # scoring is long prefills, where the forward is compute-bound: eager, with no compile at start-up
+    llm = LLM(
+        model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=4096,
+        enforce_eager=True,
+    )  # fmt: skip
     res = perplexity(llm, text, context=context, max_tokens=max_eval_tokens)
     if as_json:
         typer.echo(
@@ -264,6 +271,9 @@ def serve(
     replica_gpus: Annotated[
         float | None, typer.Option(help="GPUs each replica reserves (default: 1 on a GPU cluster).")
     ] = None,
+    enforce_eager: Annotated[
+        bool, typer.Option("--enforce-eager", help="Run every step eagerly: no torch.compile at start-up.")
+    ] = False,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, models, health, metrics)."""
     from qserve.server.launch import ServeOptions, run_server
@@ -286,6 +296,7 @@ def serve(
         served_model_name=served_model_name,
         shutdown_timeout=shutdown_timeout,
         threads=threads,
+        enforce_eager=enforce_eager,
     )
     if replicas is None:  # one server in this process; Ray is never imported
         run_server(options)

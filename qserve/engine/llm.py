@@ -16,7 +16,8 @@ class LLM:
 
     ``model`` is a local Hugging Face directory (or a qserve-converted one) or ``"demo"``.
     ``kv_cache_memory`` is the KV pool size in bytes (None: enough for max_num_seqs full-length sequences,
-    capped at 4 GiB on CPU). Extra keyword arguments go to :class:`qserve.config.EngineConfig`.
+    capped at 4 GiB on CPU). ``enforce_eager=True`` runs every step eagerly (vLLM's name); by default the
+    CPU forward is compiled with torch.compile at start-up. Extra keyword arguments go to :class:`qserve.config.EngineConfig`.
     """
 
     def __init__(
@@ -27,10 +28,13 @@ class LLM:
         kv_cache_dtype: str = "auto",
         kv_cache_memory: int | None = None,
         max_num_seqs: int | None = None,
+        enforce_eager: bool | None = None,
         **kwargs: Any,
     ):
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
+        if enforce_eager is not None:  # None: EngineConfig's default (QSERVE_ENFORCE_EAGER, else compiled)
+            kwargs["enforce_eager"] = enforce_eager
         config = EngineConfig(
             model=str(model),
             device=device,

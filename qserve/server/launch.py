@@ -42,6 +42,7 @@ class ServeOptions:
     served_model_name: str | None = None
     shutdown_timeout: int = 30  # seconds
     threads: int | None = None  # torch threads of the engine process; None: every core but one on CPU
+    enforce_eager: bool = False  # no torch.compile (the default also follows QSERVE_ENFORCE_EAGER=1)
 
 
 def device_memory(device: str) -> int:
@@ -125,6 +126,8 @@ def engine_config(opts: ServeOptions) -> EngineConfig:
     kv_memory, planned_seqs = kv_budget(opts)
     if planned_seqs is not None:
         extra["max_num_seqs"] = planned_seqs
+    if opts.enforce_eager:
+        extra["enforce_eager"] = True
     return EngineConfig(
         model=opts.model,
         device=opts.device,
