@@ -6,7 +6,7 @@
 #   GPU_SH_ALLOW_CPU=1 PYTHON=.venv/bin/python bash bench/gpu.sh # no GPU: check the plumbing (bench --dry-run)
 #
 # Results: $OUT if set (the device tool brings that folder back), else bench/out/gpu. Files there:
-# gpu.log (everything printed), kernels.json + kernels.csv (bench/kernels.py). Keep the total under the
+# gpu.log (everything printed), kernels.json + kernels.csv (bench/kernel_timings.py). Keep the total under the
 # device tool's 8 files.
 #
 # Adding a section (e.g. paged-attention timings): write a function `section_<name>` that runs its
@@ -124,7 +124,7 @@ section_kernels_bench() {
     # W4A16 / W8A16 vs fp16 on Llama-3-8B shapes; prints the table last, writes kernels.json / kernels.csv.
     local limit=$(($(left) - 20))
     ((limit > 330)) && limit=330
-    run_step "$limit" env TRITON_PRINT_AUTOTUNING=1 "$PY" bench/kernels.py --out "$RESULTS" \
+    run_step "$limit" env TRITON_PRINT_AUTOTUNING=1 "$PY" bench/kernel_timings.py --out "$RESULTS" \
         --budget-s $((limit - 90)) "${BENCH_ARGS[@]}"
 }
 

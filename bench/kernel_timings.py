@@ -1,9 +1,9 @@
 """W4A16 / W8A16 Triton matmul on a GPU against torch's fp16 matmul, on Llama-3-8B layer shapes.
 
-    python bench/kernels.py                 # everything: about 3-5 minutes on an H200, autotuning included
-    python bench/kernels.py --quick         # two shapes, fewer M: a smoke run
-    python bench/kernels.py --out DIR       # results in DIR/kernels.json and DIR/kernels.csv (default bench/out)
-    python bench/kernels.py --dry-run       # no GPU: tiny shapes on CPU in Triton's interpreter (checks the script)
+    python bench/kernel_timings.py                 # everything: about 3-5 minutes on an H200, autotuning included
+    python bench/kernel_timings.py --quick         # two shapes, fewer M: a smoke run
+    python bench/kernel_timings.py --out DIR       # results in DIR/kernels.json and DIR/kernels.csv (default bench/out)
+    python bench/kernel_timings.py --dry-run       # no GPU: tiny shapes on CPU in Triton's interpreter (checks the script)
 
 Order: environment; copy bandwidth (a 1 GiB device-to-device copy, the ceiling for the %copy column);
 correctness of every format and regime against a float32 reference (the run stops on a failure); timings
@@ -293,7 +293,7 @@ def main() -> int:
         DEV = "cpu"
         os.environ["TRITON_INTERPRET"] = "1"
     elif not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU (or --dry-run)", file=sys.stderr)
+        print("bench/kernel_timings.py needs a CUDA GPU (or --dry-run)", file=sys.stderr)
         return 2
     start = time.time()
     deadline = start + args.budget_s
