@@ -58,3 +58,11 @@ def test_llm_demo_from_the_root() -> None:
     )
     n, _ = out.split()
     assert n == "4"
+
+
+def test_bench_scripts_shadow_no_installed_module() -> None:
+    # `python bench/x.py` puts bench/ first on sys.path: a bench/kernels.py hid the `kernels` package
+    import importlib.util
+
+    clashes = [p.name for p in (ROOT / "bench").glob("*.py") if importlib.util.find_spec(p.stem) is not None]
+    assert clashes == []
