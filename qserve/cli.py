@@ -5,10 +5,11 @@ Every error a user can cause ends as one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -54,6 +55,33 @@ KvOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
+def check_engine_flags(model: str, device: str, dtype: str, kv_cache_dtype: str) -> None:
+    """The engine's flags, checked before torch is imported or anything loads."""
+    from qserve.config import EngineConfig, resolve_model_path
+
+    resolve_model_path(model)
+    EngineConfig(model=model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+
+
+@contextlib.contextmanager
+def eval_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr fed with (tokens scored, tokens in all), or None when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("scoring tokens"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("eval", total=None)
+
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield report
+
+
 @app.command()
 @user_errors
 def generate(
@@ -69,12 +97,14 @@ def generate(
     device: DeviceOpt = "auto",
 ) -> None:
     """Generate a completion for PROMPT and stream it to stdout."""
-    from qserve.engine.llm import LLM
     from qserve.types import SamplingParams
 
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
     )
+    check_engine_flags(model, device, dtype, kv_cache_dtype)
+    from qserve.engine.llm import LLM
+
     llm = LLM(model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_seqs=1)
     engine = llm.engine
     engine.add_request("cli", prompt, params)
@@ -103,19 +133,26 @@ def eval_(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print {perplexity, tokens, tokens_per_second}.")
     ] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress on stderr.")] = True,
 ) -> None:
     """Perplexity of MODEL on a text file, through qserve's own runtime."""
-    from qserve.engine.llm import LLM
-    from qserve.eval import perplexity
-
+    if context < 2:
+        raise QServeError(f"--context must be at least 2, got {context}")
+    if max_eval_tokens is not None and max_eval_tokens < 2:
+        raise QServeError(f"--max-eval-tokens must be at least 2, got {max_eval_tokens}")
     if not data.is_file():
         raise QServeError(f"data file not found: {data}")
     try:
         text = data.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise QServeError(f"{data} is not UTF-8 text") from None
+    check_engine_flags(model, device, dtype, kv_cache_dtype)
+    from qserve.engine.llm import LLM
+    from qserve.eval import perplexity
+
     llm = LLM(model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=4096)
-    res = perplexity(llm, text, context=context, max_tokens=max_eval_tokens)
+    with eval_progress(progress) as report:
+        res = perplexity(llm, text, context=context, max_tokens=max_eval_tokens, progress=report)
     if as_json:
         typer.echo(
             json.dumps(
@@ -189,6 +226,7 @@ def plan(
     )
     if plot is not None:
         save_plot(p, str(plot))
+        typer.echo(f"wrote {plot}", err=as_json)  # stderr with --json, so stdout stays one JSON object
     fleet = None
     if target_rps is not None:
         from qserve.planner_replicas import plan_replicas
@@ -260,6 +298,15 @@ def serve(
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to join ('auto', host:port); default: start one here.")
     ] = None,
+    disable_access_log: Annotated[
+        bool, typer.Option("--disable-access-log", help="No access-log line per request.")
+    ] = False,
+    log_format: Annotated[
+        str, typer.Option(help="text, or json (one object per line, for log shippers).")
+    ] = "text",
+    stats_interval: Annotated[
+        float, typer.Option(help="Seconds between stats lines while busy (0: none).")
+    ] = 10.0,
     replica_cpus: Annotated[float, typer.Option(help="CPUs each replica reserves in Ray.")] = 1.0,
     replica_gpus: Annotated[
         float | None, typer.Option(help="GPUs each replica reserves (default: 1 on a GPU cluster).")
@@ -286,6 +333,9 @@ def serve(
         served_model_name=served_model_name,
         shutdown_timeout=shutdown_timeout,
         threads=threads,
+        access_log=not disable_access_log,
+        log_format=log_format,
+        stats_interval=stats_interval,
     )
     if replicas is None:  # one server in this process; Ray is never imported
         run_server(options)
@@ -313,7 +363,23 @@ app.command("bench")(user_errors(bench_command))
 
 
 def main() -> None:
-    app()
+    """The `qserve` entry point. A usage error (a mistyped flag, a missing argument, a value of the wrong
+    type) is one ``error:`` line on stderr and exit code 2, like every other user error, instead of
+    click's boxed usage text."""
+    import click
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(standalone_mode=False)
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "qserve"
+        message = " ".join(e.format_message().split())
+        typer.echo(f"error: {message} (see '{where} --help')", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
