@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -72,8 +73,17 @@ def eval_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file or a CI job: plain lines, one per batch of windows
+
+        def line(done: int, total: int) -> None:
+            typer.echo(f"eval: scored {done}/{total} tokens", err=True)
+
+        yield line
+        return
+
     columns = (TextColumn("scoring tokens"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("eval", total=None)
 
         def report(done: int, total: int) -> None:
@@ -362,21 +372,47 @@ from qserve.bench.cli import bench_command  # noqa: E402
 app.command("bench")(user_errors(bench_command))
 
 
+def _click_errors() -> tuple[
+    tuple[type[Exception], ...], tuple[type[Exception], ...], tuple[type[Exception], ...]
+]:
+    """(usage errors, no-args-is-help, aborts) of the click typer runs on: its vendored copy (typer >= 0.20)
+    and/or the click package."""
+    usage: list[type[Exception]] = []
+    no_args: list[type[Exception]] = []
+    abort: list[type[Exception]] = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.UsageError)
+        if hasattr(mod, "Abort"):
+            abort.append(mod.Abort)
+        if hasattr(mod, "NoArgsIsHelpError"):
+            no_args.append(mod.NoArgsIsHelpError)
+    abort.append(typer.Abort)
+    return tuple(usage), tuple(no_args), tuple(abort)
+
+
 def main() -> None:
     """The `qserve` entry point. A usage error (a mistyped flag, a missing argument, a value of the wrong
     type) is one ``error:`` line on stderr and exit code 2, like every other user error, instead of
     click's boxed usage text."""
-    import click
-
+    usage, no_args, abort = _click_errors()
     command = typer.main.get_command(app)
     try:
-        code = command.main(standalone_mode=False)
-    except click.UsageError as e:
-        where = e.ctx.command_path if e.ctx is not None else "qserve"
-        message = " ".join(e.format_message().split())
+        code = command.main(prog_name="qserve", standalone_mode=False)
+    except no_args as e:  # bare `qserve` or a bare group: the help, as before
+        ctx = getattr(e, "ctx", None)
+        typer.echo(ctx.get_help() if ctx is not None else "", err=True)
+        sys.exit(2)
+    except usage as e:
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "qserve"
+        message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
         typer.echo(f"error: {message} (see '{where} --help')", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except abort:
         typer.echo("error: aborted", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
