@@ -13,6 +13,7 @@ from schemathesis import GenerationMode
 
 from tests.server.conftest import ServerProcess, httpx, metric
 
+pytestmark = pytest.mark.slow
 EXAMPLES = 40  # per operation: ~1 minute in all on the 2-core CI machine
 
 
