@@ -37,7 +37,15 @@ from qserve.server.protocol import (
     validation_error,
 )
 from qserve.server.serving import OpenAIServing
-from qserve.server.tokenize import DetokenizeRequest, TokenizeRequest, check_model, detokenize, tokenize
+from qserve.server.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    check_model,
+    detokenize,
+    tokenize,
+)
 from qserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("qserve.server")
@@ -182,14 +190,14 @@ def create_app(
         body = await read_body(request, ChatCompletionRequest)
         return await serving.chat(body, request, arrival)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse}})
     async def tokenize_(request: Request) -> dict[str, Any]:
         check_key(request)
         body = await read_body(request, TokenizeRequest)
         check_model(body.model, served_model_name)
         return await serving.off_loop(tokenize, body, tokenizer, info.max_model_len)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}})
     async def detokenize_(request: Request) -> dict[str, Any]:
         check_key(request)
         body = await read_body(request, DetokenizeRequest)
