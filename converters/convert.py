@@ -8,6 +8,7 @@ when complete, so a failure leaves nothing at OUT.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -198,18 +199,28 @@ def _calibration_text(calib: str | Path | None) -> str:
     return text
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _staging(out_dir: Path, force: bool) -> Iterator[Path]:
     """A temporary directory beside ``out_dir``, renamed to it on success and removed on failure."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; OUT gets the mode mkdir would give it
     except OSError as e:
         raise QServeError(
             f"OUT is not writable: cannot create a directory beside {out_dir}: {e.strerror}"
         ) from None
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # safetensors writes its files 0600
+            if f.is_file():
+                f.chmod(0o666 & ~_umask())
         old = None
         if out_dir.exists() or out_dir.is_symlink():
             if not force:

@@ -5,10 +5,12 @@ Every error a user can cause ends as one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -54,6 +56,42 @@ KvOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
+def check_engine_flags(model: str, device: str, dtype: str, kv_cache_dtype: str) -> None:
+    """The engine's flags, checked before torch is imported or anything loads."""
+    from qserve.config import EngineConfig, resolve_model_path
+
+    resolve_model_path(model)
+    EngineConfig(model=model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+
+
+@contextlib.contextmanager
+def eval_progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr fed with (tokens scored, tokens in all), or None when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file or a CI job: plain lines, one per batch of windows
+
+        def line(done: int, total: int) -> None:
+            typer.echo(f"eval: scored {done}/{total} tokens", err=True)
+
+        yield line
+        return
+
+    columns = (TextColumn("scoring tokens"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("eval", total=None)
+
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield report
+
+
 @app.command()
 @user_errors
 def generate(
@@ -69,12 +107,14 @@ def generate(
     device: DeviceOpt = "auto",
 ) -> None:
     """Generate a completion for PROMPT and stream it to stdout."""
-    from qserve.engine.llm import LLM
     from qserve.types import SamplingParams
 
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
     )
+    check_engine_flags(model, device, dtype, kv_cache_dtype)
+    from qserve.engine.llm import LLM
+
     # one prompt: compiling at start-up would cost more than it saves, so this command runs eager
     llm = LLM(
         model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_seqs=1, enforce_eager=True
@@ -106,23 +146,30 @@ def eval_(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print {perplexity, tokens, tokens_per_second}.")
     ] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress on stderr.")] = True,
 ) -> None:
     """Perplexity of MODEL on a text file, through qserve's own runtime."""
-    from qserve.engine.llm import LLM
-    from qserve.eval import perplexity
-
+    if context < 2:
+        raise QServeError(f"--context must be at least 2, got {context}")
+    if max_eval_tokens is not None and max_eval_tokens < 2:
+        raise QServeError(f"--max-eval-tokens must be at least 2, got {max_eval_tokens}")
     if not data.is_file():
         raise QServeError(f"data file not found: {data}")
     try:
         text = data.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise QServeError(f"{data} is not UTF-8 text") from None
+    check_engine_flags(model, device, dtype, kv_cache_dtype)
+    from qserve.engine.llm import LLM
+    from qserve.eval import perplexity
+
     # scoring is long prefills, where the forward is compute-bound: eager, with no compile at start-up
     llm = LLM(
         model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=4096,
         enforce_eager=True,
     )  # fmt: skip
-    res = perplexity(llm, text, context=context, max_tokens=max_eval_tokens)
+    with eval_progress(progress) as report:
+        res = perplexity(llm, text, context=context, max_tokens=max_eval_tokens, progress=report)
     if as_json:
         typer.echo(
             json.dumps(
@@ -196,6 +243,7 @@ def plan(
     )
     if plot is not None:
         save_plot(p, str(plot))
+        typer.echo(f"wrote {plot}", err=as_json)  # stderr with --json, so stdout stays one JSON object
     fleet = None
     if target_rps is not None:
         from qserve.planner_replicas import plan_replicas
@@ -267,6 +315,15 @@ def serve(
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to join ('auto', host:port); default: start one here.")
     ] = None,
+    disable_access_log: Annotated[
+        bool, typer.Option("--disable-access-log", help="No access-log line per request.")
+    ] = False,
+    log_format: Annotated[
+        str, typer.Option(help="text, or json (one object per line, for log shippers).")
+    ] = "text",
+    stats_interval: Annotated[
+        float, typer.Option(help="Seconds between stats lines while busy (0: none).")
+    ] = 10.0,
     replica_cpus: Annotated[float, typer.Option(help="CPUs each replica reserves in Ray.")] = 1.0,
     replica_gpus: Annotated[
         float | None, typer.Option(help="GPUs each replica reserves (default: 1 on a GPU cluster).")
@@ -297,6 +354,9 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         threads=threads,
         enforce_eager=enforce_eager,
+        access_log=not disable_access_log,
+        log_format=log_format,
+        stats_interval=stats_interval,
     )
     if replicas is None:  # one server in this process; Ray is never imported
         run_server(options)
@@ -323,8 +383,50 @@ from qserve.bench.cli import bench_command  # noqa: E402
 app.command("bench")(user_errors(bench_command))
 
 
+def _click_errors() -> tuple[
+    tuple[type[Exception], ...], tuple[type[Exception], ...], tuple[type[Exception], ...]
+]:
+    """(usage errors, no-args-is-help, aborts) of the click typer runs on: its vendored copy (typer >= 0.20)
+    and/or the click package."""
+    usage: list[type[Exception]] = []
+    no_args: list[type[Exception]] = []
+    abort: list[type[Exception]] = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.UsageError)
+        if hasattr(mod, "Abort"):
+            abort.append(mod.Abort)
+        if hasattr(mod, "NoArgsIsHelpError"):
+            no_args.append(mod.NoArgsIsHelpError)
+    abort.append(typer.Abort)
+    return tuple(usage), tuple(no_args), tuple(abort)
+
+
 def main() -> None:
-    app()
+    """The `qserve` entry point. A usage error (a mistyped flag, a missing argument, a value of the wrong
+    type) is one ``error:`` line on stderr and exit code 2, like every other user error, instead of
+    click's boxed usage text."""
+    usage, no_args, abort = _click_errors()
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="qserve", standalone_mode=False)
+    except no_args as e:  # bare `qserve` or a bare group: the help, as before
+        ctx = getattr(e, "ctx", None)
+        typer.echo(ctx.get_help() if ctx is not None else "", err=True)
+        sys.exit(2)
+    except usage as e:
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "qserve"
+        message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+        typer.echo(f"error: {message} (see '{where} --help')", err=True)
+        sys.exit(2)
+    except abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

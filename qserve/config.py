@@ -218,3 +218,54 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share KV blocks of identical prompt prefixes across requests
     # True: run every step eagerly (no torch.compile). Default from QSERVE_ENFORCE_EAGER=1, else False.
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("QSERVE_ENFORCE_EAGER") == "1")
+
+    def __post_init__(self) -> None:
+        """Check every value before anything loads; a SIZE string for kv_cache_memory becomes bytes
+        (``"2GiB"``, as the CLI takes it)."""
+        check_choice("device", self.device, DEVICES)
+        if self.dtype != "auto":
+            canonical_dtype(self.dtype)
+        kv = str(self.kv_cache_dtype).lower()
+        if kv not in KV_CACHE_DTYPES and kv not in KV_DTYPE_ALIASES:
+            check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        mem = self.kv_cache_memory
+        if isinstance(mem, str):
+            from qserve.utils import parse_size
+
+            object.__setattr__(self, "kv_cache_memory", parse_size(mem))
+        elif mem is not None and (isinstance(mem, bool) or not isinstance(mem, int) or mem <= 0):
+            raise QServeError(
+                f"kv_cache_memory must be a positive byte count or a size such as 2GiB, got {mem!r}"
+            )
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            check_positive(name, getattr(self, name))
+        if self.max_model_len is not None:
+            check_positive("max_model_len", self.max_model_len)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+KV_CACHE_DTYPES = ("auto", "fp16", "bf16", "fp32", "int8", "int4")
+KV_DTYPE_ALIASES = ("float32", "float16", "half", "bfloat16")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise QServeError(f"unsupported {name} {value!r}: choose from {', '.join(choices)}")
+
+
+def check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise QServeError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_max_model_len(config: EngineConfig) -> None:
+    """Refuse a max_model_len beyond the model's positions (reads only config.json): the engine would
+    otherwise clamp it silently."""
+    if config.max_model_len is None:
+        return
+    limit = ModelConfig.from_pretrained(config.model).max_position_embeddings
+    if config.max_model_len > limit:
+        raise QServeError(
+            f"max_model_len {config.max_model_len} is more than the model's {limit} positions "
+            f"(max_position_embeddings in config.json)"
+        )

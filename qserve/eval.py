@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qserve.engine.llm import LLM
@@ -19,10 +20,20 @@ class PerplexityResult:
     nll: float  # mean negative log-likelihood per token (nats)
 
 
-def perplexity(llm: LLM, text: str, context: int = 512, max_tokens: int | None = None) -> PerplexityResult:
+PROGRESS_BATCH = 32  # windows per generate() call when reporting progress
+
+
+def perplexity(
+    llm: LLM,
+    text: str,
+    context: int = 512,
+    max_tokens: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PerplexityResult:
     """Score ``text`` in non-overlapping windows of ``context`` tokens (the first token of each is unscored).
 
-    ``max_tokens`` caps how much of the text is used (after tokenization).
+    ``max_tokens`` caps how much of the text is used (after tokenization). ``progress(done, total)`` is
+    called with the tokens scored so far as batches of windows finish (the result does not depend on it).
     """
     ids = list(llm.tokenizer.encode(text))
     if max_tokens is not None:
@@ -34,7 +45,16 @@ def perplexity(llm: LLM, text: str, context: int = 512, max_tokens: int | None =
         raise QServeError("the evaluation text is too short: need at least 2 tokens")
     params = SamplingParams(max_tokens=0, prompt_logprobs=0, temperature=0.0)
     t0 = time.perf_counter()
-    outs = llm.generate(prompt_token_ids=windows, sampling_params=params)
+    if progress is None:
+        outs = llm.generate(prompt_token_ids=windows, sampling_params=params)
+    else:  # in batches, to report between them; each batch still fills the engine's token budget
+        outs, total, done = [], sum(len(w) for w in windows), 0
+        progress(0, total)
+        for i in range(0, len(windows), PROGRESS_BATCH):
+            batch = windows[i : i + PROGRESS_BATCH]
+            outs += llm.generate(prompt_token_ids=batch, sampling_params=params)
+            done += sum(len(w) for w in batch)
+            progress(done, total)
     elapsed = time.perf_counter() - t0
     nll, n = 0.0, 0
     for out in outs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,16 @@ def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises many types for a missing or broken tokenizer
         raise QServeError(
             f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}".splitlines()[0]
         ) from None
+    # Whole texts are tokenized here (eval, AWQ calibration) and then split into windows; the length
+    # limit that matters is max_model_len, enforced per request. Without this, transformers warns
+    # "Token indices sequence length is longer than the specified maximum" on every long text.
+    tok.model_max_length = sys.maxsize
+    return tok
 
 
 class IncrementalDetokenizer:

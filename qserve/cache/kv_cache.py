@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qserve.config import KV_CACHE_DTYPES
 from qserve.errors import QServeError
 from qserve.kernels.kv_quant import KV_QUANT_BITS, block_bytes
 
@@ -20,7 +21,6 @@ FLOAT_KV_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 _ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-KV_CACHE_DTYPES = ("auto", "fp16", "bf16", "fp32", "int8", "int4")
 
 
 def resolve_kv_dtype(kv_cache_dtype: str, model_dtype: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from qserve.config import EngineConfig
+from qserve.config import EngineConfig, check_max_model_len
 from qserve.engine.llm_engine import LLMEngine
 from qserve.errors import QServeError
 from qserve.types import RequestOutput, SamplingParams
@@ -15,9 +15,11 @@ class LLM:
     """Load a model once, then generate for batches of prompts with continuous batching.
 
     ``model`` is a local Hugging Face directory (or a qserve-converted one) or ``"demo"``.
-    ``kv_cache_memory`` is the KV pool size in bytes (None: enough for max_num_seqs full-length sequences,
-    capped at 4 GiB on CPU). ``enforce_eager=True`` runs every step eagerly (vLLM's name); by default the
-    CPU forward is compiled with torch.compile at start-up. Extra keyword arguments go to :class:`qserve.config.EngineConfig`.
+    ``kv_cache_memory`` is the KV pool size in bytes or as a size string like the CLI's (``"2GiB"``;
+    None: enough for max_num_seqs full-length sequences, capped at 4 GiB on CPU). Extra keyword arguments
+    go to :class:`qserve.config.EngineConfig`. Every value is checked (QServeError) before the model loads.
+    ``enforce_eager=True`` runs every step eagerly (vLLM's name); by default the CPU forward is compiled with
+    torch.compile at start-up.
     """
 
     def __init__(
@@ -26,12 +28,12 @@ class LLM:
         device: str = "auto",
         dtype: str = "auto",
         kv_cache_dtype: str = "auto",
-        kv_cache_memory: int | None = None,
+        kv_cache_memory: int | str | None = None,
         max_num_seqs: int | None = None,
         enforce_eager: bool | None = None,
         **kwargs: Any,
     ):
-        if max_num_seqs:
+        if max_num_seqs is not None:
             kwargs["max_num_seqs"] = max_num_seqs
         if enforce_eager is not None:  # None: EngineConfig's default (QSERVE_ENFORCE_EAGER, else compiled)
             kwargs["enforce_eager"] = enforce_eager
@@ -40,9 +42,10 @@ class LLM:
             device=device,
             dtype=dtype,
             kv_cache_dtype=kv_cache_dtype,
-            kv_cache_memory=kv_cache_memory,
+            kv_cache_memory=kv_cache_memory,  # type: ignore[arg-type]  # a SIZE string becomes bytes
             **kwargs,
         )
+        check_max_model_len(config)
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0

@@ -65,6 +65,25 @@ class StepUpdate:
     applied_adds: int = 0  # "add" requests consumed since the last message (accepted or failed)
     waiting: int = 0  # the scheduler's waiting queue now
     metrics: dict[str, Any] | None = None  # a fresh engine.metrics() snapshot, when one is due
+    queue_times: list[float] = field(default_factory=list)  # seconds, of requests first scheduled since
+
+
+def take_queue_times(
+    engine: LLMEngine, unscheduled: dict[str, float], outputs: list[RequestOutput], t0: float
+) -> list[float]:
+    """Queue times of the requests that left the waiting queue in the step that began at ``t0``: seconds
+    from the engine's receipt (``arrival``, the Sequence's own clock) to that step. ``unscheduled`` maps
+    request id -> arrival for requests not yet scheduled; those scheduled now are removed from it."""
+    out = []
+    for o in outputs:  # it made output, so it ran (it may be finished and gone from engine.seqs already)
+        arrival = unscheduled.pop(o.request_id, None)
+        if arrival is not None:
+            out.append(max(t0 - arrival, 0.0))
+    for rid in [r for r in unscheduled if (s := engine.seqs.get(r)) is None or s.status.name != "WAITING"]:
+        out.append(
+            max(t0 - unscheduled.pop(rid), 0.0)
+        )  # scheduled (a chunk of its prefill ran), no output yet
+    return out
 
 
 def update_from_output(out: RequestOutput, first: bool) -> Update:
@@ -89,6 +108,7 @@ class EngineCore:
         self.conn = conn
         self.live: set[str] = set()  # requests added and not yet finished
         self.started: set[str] = set()  # requests that sent their first update
+        self.unscheduled: dict[str, float] = {}  # request id -> arrival, until first scheduled
         self.abort_at: float | None = None  # drain deadline (monotonic)
         self.last_snapshot = 0.0
         # gauges stay fresh during a long step: a snapshot right after scheduling, when one is due
@@ -125,7 +145,7 @@ class EngineCore:
                 msg.metrics = self.engine.metrics()
                 self.last_snapshot = now
             msg.waiting = len(self.engine.scheduler.waiting)
-            if msg.updates or msg.applied_adds or msg.metrics is not None:
+            if msg.updates or msg.applied_adds or msg.metrics is not None or msg.queue_times:
                 self.conn.send(("step", msg))
 
     def _receive(self, block: bool) -> list[tuple[str, Any]]:
@@ -155,11 +175,13 @@ class EngineCore:
                         msg.updates.append(Update(r.request_id, "", [], None, 0, True, "abort", error=err))
                         continue
                     self.live.add(r.request_id)
+                    self.unscheduled[r.request_id] = self.engine.seqs[r.request_id].arrival_time
             elif kind == "abort":
                 for rid in payload:
                     if rid in self.live:
                         self.live.discard(rid)
                         self.started.discard(rid)
+                        self.unscheduled.pop(rid, None)
                         self.engine.abort_request(rid)
             elif kind == "drain":
                 if payload is not None and self.abort_at is None:
@@ -169,12 +191,15 @@ class EngineCore:
         return stop
 
     def _step(self, msg: StepUpdate) -> None:
+        t0 = time.monotonic()
         try:
             outputs = self.engine.step()
         except Exception as e:  # a bug or a device error: fail these requests, keep serving
             logger.exception("engine step failed")
             self._abort_all(msg, "abort", error=f"engine error: {type(e).__name__}: {e}")
             return
+        if self.unscheduled:
+            msg.queue_times = take_queue_times(self.engine, self.unscheduled, outputs, t0)
         for out in outputs:
             rid = out.request_id
             if rid not in self.live:
@@ -194,6 +219,7 @@ class EngineCore:
             msg.updates.append(Update(rid, text, [], None, num, True, reason, error=error))
         self.live.clear()
         self.started.clear()
+        self.unscheduled.clear()
 
 
 PREFILL_THREADS_MIN_TOKENS = 256  # steps at least this big are compute-bound: worth every core
@@ -205,13 +231,19 @@ def run_engine_core(
     threads: int | None,
     max_queue: int,
     prefill_threads: int | None = None,
+    log_format: str = "text",
 ) -> None:
     """The child process's entry point: build the engine, report ready (or the error), then serve.
 
     ``threads``: torch threads for steps; ``prefill_threads``: for steps of at least
     PREFILL_THREADS_MIN_TOKENS tokens (None: ``threads`` for all)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Ctrl-C, systemd's control-group stop, `timeout` and `kill -- -PGID` signal the whole group: the parent
+    # owns shutdown (it drains, then sends "stop"), so the engine must outlive the signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from qserve.server.logs import setup_logging
+
+    setup_logging(log_format)
     try:
         import torch
 

@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qserve.errors import QServeError
@@ -54,14 +55,17 @@ class EngineProcess:
         max_queue: int,
         threads: int | None = None,
         prefill_threads: int | None = None,
+        log_format: str = "text",
     ):
         self.config = config
+        self.log_format = log_format
         self.max_queue = max_queue
         self.threads = threads
         self.prefill_threads = prefill_threads
         self.draining = False
         self._info: EngineInfo | None = None
         self.snapshot: dict[str, Any] = {}
+        self.on_queue_times: Callable[[list[float]], None] | None = None  # called on the reader thread
         self._lock = threading.Lock()
         self._pending_adds = 0  # sent to the engine, not yet in its scheduler
         self._waiting = 0  # the scheduler's waiting queue, as last reported
@@ -79,7 +83,7 @@ class EngineProcess:
             return self._info
         ctx = mp.get_context("spawn")  # never fork a process that may hold OpenMP / tokenizer threads
         conn, child = ctx.Pipe()
-        args = (child, self.config, self.threads, self.max_queue, self.prefill_threads)
+        args = (child, self.config, self.threads, self.max_queue, self.prefill_threads, self.log_format)
         self._proc = ctx.Process(target=run_engine_core, args=args, name="qserve-engine", daemon=True)
         self._proc.start()
         child.close()
@@ -106,6 +110,11 @@ class EngineProcess:
 
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive() and not self._stopped.is_set()
+
+    @property
+    def exitcode(self) -> int | None:
+        """The engine process's exit code once it has ended (negative: killed by that signal)."""
+        return None if self._proc is None else self._proc.exitcode
 
     def num_queued(self) -> int:
         with self._lock:
@@ -183,6 +192,8 @@ class EngineProcess:
                     batch.append((group, self._delta(group, u)))
         if msg.metrics is not None:
             self.snapshot = msg.metrics
+        if msg.queue_times and self.on_queue_times is not None:
+            self.on_queue_times(msg.queue_times)
         deliver(batch)
 
     def _delta(self, group: RequestGroup, u: Update) -> Delta:

@@ -14,11 +14,12 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qserve.errors import QServeError
-from qserve.server.engine_core import SNAPSHOT_INTERVAL, EngineInfo
+from qserve.server.engine_core import SNAPSHOT_INTERVAL, EngineInfo, take_queue_times
 from qserve.types import RequestOutput, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class EngineClient(Protocol):
 
     snapshot: dict[str, Any]
     draining: bool
+    on_queue_times: Callable[[list[float]], None] | None  # each request's queue time, once, from any thread
 
     @property
     def info(self) -> EngineInfo: ...
@@ -139,6 +141,8 @@ class EngineThread:
         self.max_queue = max_queue
         self.draining = False
         self.snapshot: dict[str, Any] = engine.metrics()
+        self.on_queue_times: Callable[[list[float]], None] | None = None  # called on the engine thread
+        self._unscheduled: dict[str, float] = {}  # engine thread only: request id -> arrival, until scheduled
         self._lock = threading.Lock()
         self._inbox: list[tuple[str, Any]] = []
         self._pending_adds = 0  # requests in the inbox, not yet in the scheduler
@@ -223,12 +227,17 @@ class EngineThread:
                 self.snapshot = engine.metrics()
                 self._wake.wait()
                 continue
+            t0 = time.monotonic()
             try:
                 outputs = engine.step()
             except Exception as e:  # a bug or a device error: fail these requests, keep serving
                 logger.exception("engine step failed")
                 self._abort_all("abort", error=f"engine error: {type(e).__name__}: {e}")
                 continue
+            if self._unscheduled:
+                times = take_queue_times(engine, self._unscheduled, outputs, t0)
+                if times and self.on_queue_times is not None:
+                    self.on_queue_times(times)
             with self._lock:
                 self._waiting = len(engine.scheduler.waiting)
             self._dispatch(outputs)
@@ -255,8 +264,10 @@ class EngineThread:
                         failed.append((group, Delta(i, "", [], None, 0, True, "abort", error=msg)))
                         continue
                     self._groups[r.request_id] = group
+                    self._unscheduled[r.request_id] = engine.seqs[r.request_id].arrival_time
             else:
                 for rid in payload:
+                    self._unscheduled.pop(rid, None)
                     if self._groups.pop(rid, None) is not None:
                         engine.abort_request(rid)
         if cmds:
@@ -298,6 +309,7 @@ class EngineThread:
             self.engine.abort_request(rid)
             batch.append((group, Delta(group.index[rid], text, [], None, num, True, reason, error=error)))
         self._groups.clear()
+        self._unscheduled.clear()
         with self._lock:
             self._waiting = len(self.engine.scheduler.waiting)
         deliver(batch)

@@ -49,6 +49,8 @@ class Choice:
         self.num_output_tokens = 0
         self.finish: str | None = None
         self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.token_gap: float | None = None  # seconds since the previous tokens, when the last delta had some
         # streaming progress
         self.sent = 0  # chars of ``text`` already sent
         self.lp_sent = 0  # entries of ``logprobs`` already sent
@@ -58,8 +60,15 @@ class Choice:
 
     def update(self, d: Delta) -> None:
         self.text = d.text
-        if d.token_ids and self.first_token_time is None:
-            self.first_token_time = time.monotonic()
+        self.token_gap = None
+        if d.token_ids:
+            now = time.monotonic()
+            if self.first_token_time is None:
+                self.first_token_time = now
+            else:
+                assert self.last_token_time is not None
+                self.token_gap = now - self.last_token_time
+            self.last_token_time = now
         if d.logprobs:
             self.logprobs.extend(d.logprobs)
         if d.prompt_logprobs is not None:

@@ -2,8 +2,12 @@
 
 Engine-side values come from the engine thread's latest ``engine.metrics()`` snapshot (taken on that
 thread, at most SNAPSHOT_INTERVAL old while busy, fresh whenever it goes idle), so scraping never touches
-live engine state. The two latency histograms are observed here, per finished request, as the client
-sees them: time to first token from the HTTP request's arrival, and time per output token after it.
+live engine state. The latency histograms are observed here as the client sees them, from the HTTP
+request's arrival: time to first token, time per output token after it and end-to-end latency per
+finished request, and the gap between consecutive tokens of a stream (inter-token latency). Queue time
+(the engine's receipt to first scheduling) comes from the engine side, once per request.
+``http_requests_total{code,endpoint}`` counts every HTTP answer; paths that match no route count as
+endpoint "other" (a scanner must not grow the label set).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -20,6 +24,8 @@ from qserve.engine.busy import busy_ratio
 P = "qserve_"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 _GAUGES = {
     "requests_running": "Sequences in the running batch.",
@@ -97,8 +103,43 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self.itl = Histogram(
+            P + "inter_token_latency_seconds",
+            "Seconds between consecutive output tokens of a request (one sample per token after the first).",
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            P + "e2e_request_latency_seconds",
+            "Seconds from request arrival to its last output token, per finished request.",
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            P + "request_queue_time_seconds",
+            "Seconds a request waited in the engine's queue before it was first scheduled.",
+            buckets=QUEUE_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            P + "http_requests",
+            "HTTP requests answered, by status code and endpoint (route path; 'other' for unknown paths).",
+            labelnames=["code", "endpoint"],
+            registry=self.registry,
+        )
+
+    def observe_queue_times(self, seconds: list[float]) -> None:
+        for s in seconds:
+            self.queue_time.observe(s)
+
+    def observe_tokens(self, gap: float, num_tokens: int) -> None:
+        """``num_tokens`` new tokens of one request arrived ``gap`` seconds after its previous ones."""
+        for _ in range(num_tokens):
+            self.itl.observe(gap / num_tokens)
+
     def observe(self, arrival: float, first_token: float | None, end: float, num_tokens: int) -> None:
         """Record one finished request (monotonic times)."""
+        self.e2e.observe(end - arrival)
         if first_token is None:
             return
         self.ttft.observe(first_token - arrival)

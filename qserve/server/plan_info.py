@@ -29,6 +29,18 @@ def weight_bytes(model: Any) -> int:
     return total
 
 
+def weight_format(quantization: dict[str, Any] | None, dtype: str) -> str:
+    """The stored weight format: 'int4 g128 (awq)', 'int8 (rtn)', or the float dtype when unquantized."""
+    if not quantization:
+        return dtype
+    q = quantization
+    name = str(q.get("weights") or (f"int{q['bits']}" if "bits" in q else q.get("quant_method", "quantized")))
+    if q.get("group_size") and name == "int4":
+        name += f" g{q['group_size']}"
+    method = q.get("method") or (q.get("quant_method") if q.get("quant_method") != "qserve" else None)
+    return f"{name} ({method})" if method else name
+
+
 def plan_lines(
     engine: Any, max_queue: int, threads: int | None = None, prefill_threads: int | None = None
 ) -> list[str]:
@@ -41,7 +53,8 @@ def plan_lines(
             device += f" ({prefill_threads} for big prefills)"
     return [
         f"model         {engine.config.model} ({cfg.architecture}, {engine.dtype_name}) on {device}",
-        f"weights       {format_size(weight_bytes(engine.model))}",
+        f"weights       {weight_format(cfg.quantization, engine.dtype_name)}, "
+        f"{format_size(weight_bytes(engine.model))}",
         f"kv cache      {spec.dtype}, {spec.bytes_per_token} B/token, "
         f"{format_size(kv.capacity_tokens * spec.bytes_per_token)} = {kv.capacity_tokens} tokens",
         f"capacity      {kv.capacity_tokens // engine.max_model_len} sequences at max_model_len {engine.max_model_len}",

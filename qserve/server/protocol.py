@@ -6,7 +6,7 @@ error, as it is for OpenAI, rather than a silent coercion. Unknown fields are ig
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -160,8 +160,11 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]  # OpenAI's roles
+
+
 class ChatMessage(_Body):
-    role: str
+    role: ChatRole
     content: str | list[ContentPart] | None = None
     name: str | None = None
 

@@ -32,6 +32,7 @@ from qserve.server.protocol import (
     MAX_CHOICES,
     APIError,
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     check_length,
     usage,
@@ -55,6 +56,14 @@ class EngineStreamResponse(StreamingResponse):
             self.group.abort()
 
 
+def record_usage(request: Request, prompt_tokens: int, choices: list[Choice]) -> None:
+    """Leave the token counts for the access log (qserve.server.access), which reads them at the end."""
+    info = request.scope.get("qserve")
+    if info is not None:
+        info["prompt_tokens"] = prompt_tokens
+        info["choices"] = choices
+
+
 def stops(params: SamplingParams) -> list[str]:
     return [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
 
@@ -63,17 +72,36 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def chat_text(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, bool]:
+def chat_text(
+    tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = True
+) -> tuple[str, bool]:
     """The text a chat renders to, and whether the tokenizer's chat template made it (then the text carries
     its own special tokens). Without a template: a plain ``role: content`` transcript ending in
-    ``assistant:``, which the model can continue."""
+    ``assistant:`` (with ``generation_prompt``), which the model can continue."""
     if getattr(tokenizer, "chat_template", None):
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
         except Exception as e:  # jinja raises TemplateError (e.g. roles out of order) and friends
             raise APIError(400, f"chat template error: {e}", param="messages") from None
         return str(text), True
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", False
+    transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return transcript + ("assistant:" if generation_prompt else ""), False
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Chat messages as the template sees them (text content parts joined; other parts refused)."""
+    out = []
+    for m in messages:
+        if isinstance(m.content, list):
+            if any(part.type != "text" for part in m.content):
+                raise APIError(400, "only text content parts are supported", param="messages")
+            content = "".join(part.text or "" for part in m.content)
+        else:
+            content = m.content or ""
+        out.append({"role": m.role, "content": content})
+    return out
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -101,7 +129,7 @@ class OpenAIServing:
         self.token_text = TokenTexts(tokenizer)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qserve-tokenize")
 
-    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def _submit(self, reqs: list[EngineRequest]) -> RequestGroup:
@@ -123,7 +151,7 @@ class OpenAIServing:
         prompts = self._prompt_list(req.prompt)
         if len(prompts) * n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} prompts x n per request", param="prompt")
-        encoded = await self._off_loop(self._encode, prompts, echo)
+        encoded = await self.off_loop(self._encode, prompts, echo)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         for _, ids in encoded:
             check_length(len(ids), max_tokens, self.max_model_len, "prompt")
@@ -138,6 +166,7 @@ class OpenAIServing:
         group = self._submit(reqs)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
         num_prompt = sum(len(ids) for _, ids in encoded)
+        record_usage(request, num_prompt, choices)
         if req.stream:
             inc = bool(req.stream_options and req.stream_options.include_usage)
             gen = self._stream(group, choices, head, arrival, num_prompt, inc, lp is not None, chat=False)
@@ -146,7 +175,7 @@ class OpenAIServing:
         out = []
         for i, c in enumerate(choices):
             logprobs = (
-                await self._off_loop(completion_logprobs, c, self.token_text) if lp is not None else None
+                await self.off_loop(completion_logprobs, c, self.token_text) if lp is not None else None
             )
             out.append(
                 {"index": i, "text": c.echo_text + c.text, "logprobs": logprobs, "finish_reason": c.finish}
@@ -179,16 +208,7 @@ class OpenAIServing:
         n = req.check(self.model_name)
         if not req.messages:
             raise APIError(400, "'messages' must not be empty", param="messages")
-        messages = []
-        for m in req.messages:
-            if isinstance(m.content, list):
-                if any(part.type != "text" for part in m.content):
-                    raise APIError(400, "only text content parts are supported", param="messages")
-                content = "".join(part.text or "" for part in m.content)
-            else:
-                content = m.content or ""
-            messages.append({"role": m.role, "content": content})
-        ids = await self._off_loop(self._render_chat, messages)
+        ids = await self.off_loop(self._render_chat, message_dicts(req.messages))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = max(self.max_model_len - len(ids), 0)
@@ -202,6 +222,7 @@ class OpenAIServing:
             choices.append(Choice(ids, "", stops(params), False))
         group = self._submit(reqs)
         head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name}
+        record_usage(request, len(ids), choices)
         if req.stream:
             inc = bool(req.stream_options and req.stream_options.include_usage)
             head["object"] = "chat.completion.chunk"
@@ -211,7 +232,7 @@ class OpenAIServing:
         out = []
         for i, c in enumerate(choices):
             logprobs = (
-                await self._off_loop(chat_logprobs, c.logprobs, self.token_text) if top is not None else None
+                await self.off_loop(chat_logprobs, c.logprobs, self.token_text) if top is not None else None
             )
             message = {"role": "assistant", "content": c.text}
             out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish})
@@ -225,6 +246,8 @@ class OpenAIServing:
     def _finish(self, c: Choice, d: Delta, arrival: float) -> None:
         if d.error is not None:
             raise APIError(500 if d.error.startswith("engine error") else 400, d.error)
+        if c.token_gap is not None:
+            self.metrics.observe_tokens(c.token_gap, len(d.token_ids))
         if d.finished:
             self.metrics.observe(arrival, c.first_token_time, time.monotonic(), c.num_output_tokens)
 

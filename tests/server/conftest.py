@@ -37,14 +37,18 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m qserve.cli serve MODEL --port P ...` as a subprocess, its output in a log file."""
 
-    def __init__(self, model: Path, log: Path, *args: str):
+    def __init__(self, model: Path, log: Path, *args: str, new_session: bool = False):
+        """``new_session``: the server leads a process group of its own (its engine process in it), as
+        under systemd or `timeout`, so a test can signal the whole group."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "qserve.cli", "serve", str(model), "--port", str(self.port), *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=new_session
+            )
         self._wait_ready()
 
     def output(self) -> str:
@@ -63,6 +67,15 @@ class ServerProcess:
             time.sleep(0.25)
         self.stop()
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def engine_pid(self) -> int:
+        """The engine process: the server's multiprocessing-spawned child."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        for pid in children:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                return int(pid)
+        raise RuntimeError(f"no engine process among {children}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -49,6 +49,16 @@ CASES: list[tuple[str, str, Any, int]] = [
     ("chat image part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
     ("chat unknown model", CHAT, {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404),
     ("chat too long", CHAT, {"messages": [{"role": "user", "content": "x" * 600}]}, 400),
+    ("chat unknown role", CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400),
+    ("chat role not a string", CHAT, {"messages": [{"role": 1, "content": "x"}]}, 400),
+    ("tokenize neither", "/tokenize", {"model": "tiny"}, 400),
+    ("tokenize both", "/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
+    ("tokenize unknown model", "/tokenize", {"model": "nope", "prompt": "a"}, 404),
+    ("tokenize unknown role", "/tokenize", {"messages": [{"role": "wizard", "content": "b"}]}, 400),
+    ("detokenize missing", "/detokenize", {}, 400),
+    ("detokenize out of range", "/detokenize", {"tokens": [1, 99999]}, 400),
+    ("detokenize negative", "/detokenize", {"tokens": [-1]}, 400),
+    ("detokenize not ints", "/detokenize", {"tokens": ["a"]}, 400),
 ]
 
 
