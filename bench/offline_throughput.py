@@ -155,7 +155,9 @@ def main() -> None:
         results: dict[str, dict] = {}
         for eng in engines:
             py = vllm_py if eng == "vllm" else sys.executable
-            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "PYTHONPATH": str(ROOT)}
+            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+            if eng != "vllm":  # the peer's venv has no qserve: it needs nothing from the repo
+                env["PYTHONPATH"] = str(ROOT)
             env.pop("QSERVE_ENFORCE_EAGER", None)
             cmd = [py, __file__, "--child", eng, "--model", args.model, "--requests", str(args.requests),
                    "--prompt-len", args.prompt_len, "--output-len", str(args.output_len),

@@ -12,7 +12,8 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if __name__ != "qserve.kernels":  # imported as bare `kernels` because the repo root is on sys.path
-    from qserve.kernels._bare_name import hand_over
+    # relative: works even where qserve itself is not installed (another venv with the repo on PYTHONPATH)
+    from ._bare_name import hand_over
 
     hand_over(__name__, __file__)
 

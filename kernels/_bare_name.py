@@ -25,6 +25,7 @@ def hand_over(name: str, init_file: str) -> None:
     the caller must not run the rest of its body afterwards.
     """
     root = Path(init_file).resolve().parent.parent
+    sys.modules.pop(f"{name}._bare_name", None)  # this helper, if it was imported under the bare name
     # "" on sys.path means the working directory.
     path = [p for p in sys.path if Path(p or os.getcwd()).resolve() != root]
     spec = importlib.machinery.PathFinder.find_spec(name, path)
