@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qserve.cache.kv_cache_manager import KVCacheManager
+from qserve.engine.logits_processors import prepare_logits
 from qserve.engine.sampler import sample, token_logprob
 from qserve.engine.scheduler import SchedulerOutput
 from qserve.kernels.attention import KVLayout
@@ -108,7 +109,8 @@ class ModelRunner:
             torch.cuda.synchronize()
         t2 = time.perf_counter()
         if logits is not None:
-            tokens, lps = sample(logits, [q.params for q in sampling], [q.generator for q in sampling])
+            procs = prepare_logits(sampling, logits.shape[-1], logits.device)
+            tokens, lps = sample(logits, [q.params for q in sampling], [q.generator for q in sampling], procs)
             for seq, tok, lp in zip(sampling, tokens, lps, strict=True):
                 out.sampled[seq.seq_id] = tok
                 if lp is not None:
