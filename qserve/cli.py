@@ -260,6 +260,12 @@ def serve(
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster to join ('auto', host:port); default: start one here.")
     ] = None,
+    tool_call_parser: Annotated[
+        str | None,
+        typer.Option(
+            help="Parse tool calls for tool_choice 'auto': hermes (Hermes/Qwen, the demo) or llama3_json."
+        ),
+    ] = None,
     replica_cpus: Annotated[float, typer.Option(help="CPUs each replica reserves in Ray.")] = 1.0,
     replica_gpus: Annotated[
         float | None, typer.Option(help="GPUs each replica reserves (default: 1 on a GPU cluster).")
@@ -270,6 +276,12 @@ def serve(
 
     if replicas is None and (min_replicas, max_replicas, ray_address) != (None, None, None):
         raise QServeError("--min-replicas, --max-replicas and --ray-address need --replicas N|auto")
+    from qserve.server.tool_parsers import TOOL_PARSERS
+
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise QServeError(
+            f"unknown --tool-call-parser {tool_call_parser!r}: choose from {', '.join(TOOL_PARSERS)}"
+        )
     options = ServeOptions(
         model=model,
         host=host,
@@ -286,6 +298,7 @@ def serve(
         served_model_name=served_model_name,
         shutdown_timeout=shutdown_timeout,
         threads=threads,
+        tool_call_parser=tool_call_parser,
     )
     if replicas is None:  # one server in this process; Ray is never imported
         run_server(options)

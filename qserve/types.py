@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,10 +48,8 @@ class StructuredOutputsParams:
         kind = self.kinds()[0]
         value = getattr(self, kind)
         if kind == "json" and isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):  # a bad one is reported by the grammar check
                 value = json.loads(value)
-            except ValueError:
-                pass  # reported by the grammar check
         return json.dumps([kind, value], sort_keys=True, separators=(",", ":"))
 
 
@@ -121,7 +120,9 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise QServeError(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
         if self.min_tokens > self.max_tokens:
-            raise QServeError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            raise QServeError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise QServeError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

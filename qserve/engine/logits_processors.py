@@ -40,7 +40,9 @@ class LogitsBatch:
     banned_cols: torch.Tensor | None = None  # (M,) int64
     min_p_rows: torch.Tensor | None = None  # (Q,) int64
     min_p: torch.Tensor | None = None  # (Q,) float32
-    min_p_temperature: torch.Tensor | None = None  # (Q,) float32: the rows' temperature (min_p reads T-scaled probs)
+    min_p_temperature: torch.Tensor | None = (
+        None  # (Q,) float32: the rows' temperature (min_p reads T-scaled probs)
+    )
     bitmask: torch.Tensor | None = None  # (S, ceil(V / 32)) int32 on CPU: xgrammar's allowed-token bitmask
 
 
@@ -163,7 +165,12 @@ def apply_logits_processors(logits: torch.Tensor, batch: LogitsBatch) -> torch.T
         assert batch.presence is not None and batch.frequency is not None and batch.repetition is not None
         rows = batch.penalty_rows
         logits[rows] = apply_penalties(
-            logits[rows], batch.prompt_ids, batch.output_ids, batch.presence, batch.frequency, batch.repetition
+            logits[rows],
+            batch.prompt_ids,
+            batch.output_ids,
+            batch.presence,
+            batch.frequency,
+            batch.repetition,
         )
     if batch.min_p_rows is not None:
         assert batch.min_p is not None and batch.min_p_temperature is not None

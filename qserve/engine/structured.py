@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("qserve")
 CACHE_SIZE = 512  # compiled grammars kept (LRU by spec)
+JSON_OBJECT = '{"type": "object"}'
+_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # xgrammar's "[12:00:00] /path/file.cc:42: " prefix
 
 
 def _xgr() -> Any:
@@ -66,8 +69,8 @@ def _grammar(spec: StructuredOutputsParams) -> Any:
     try:
         if kind == "json":
             return xgr.Grammar.from_json_schema(_schema_text(spec), any_whitespace=False, strict_mode=True)
-        if kind == "json_object":
-            return xgr.Grammar.builtin_json_grammar()
+        if kind == "json_object":  # any JSON object (OpenAI's json_object), one layout like json schemas
+            return xgr.Grammar.from_json_schema(JSON_OBJECT, any_whitespace=False, strict_mode=False)
         if kind == "regex":
             return xgr.Grammar.from_regex(spec.regex)
         if kind == "choice":
@@ -79,7 +82,7 @@ def _grammar(spec: StructuredOutputsParams) -> Any:
         what = {"json": "JSON schema", "json_object": "JSON", "regex": "regex", "choice": "choice"}.get(
             kind, "grammar"
         )
-        raise QServeError(f"invalid {what}: {str(e).strip()}") from None
+        raise QServeError(f"invalid {what}: {_LOG_PREFIX.sub('', str(e).strip())}") from None
 
 
 def check_spec(spec: StructuredOutputsParams) -> None:

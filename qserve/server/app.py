@@ -45,17 +45,19 @@ def create_app(
     api_key: str | None = None,
     max_queue: int = 256,
     max_body_bytes: int = MAX_BODY_BYTES,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     """An app serving ``engine``: an LLMEngine (run on a thread of this process) or a started
     `EngineProcess`. The app starts the engine on startup and stops it (aborting whatever still runs) on
-    shutdown. ``app.state.engine_thread.begin_drain()`` makes it refuse new work (503)."""
+    shutdown. ``app.state.engine_thread.begin_drain()`` makes it refuse new work (503). ``tool_call_parser``
+    names the parser of tool calls for ``tool_choice: auto`` (server/tool_parsers.py)."""
     thread: EngineClient = EngineThread(engine, max_queue) if isinstance(engine, LLMEngine) else engine
     info = thread.info
     metrics = ServerMetrics(lambda: thread.snapshot)
     # the HTTP side's own tokenizer copy: the engine's detokenizers never share one with it
     tokenizer = load_tokenizer(resolve_model_path(info.model))
     serving = OpenAIServing(
-        thread, tokenizer, served_model_name, info.max_model_len, info.vocab_size, metrics
+        thread, tokenizer, served_model_name, info.max_model_len, info.vocab_size, metrics, tool_call_parser
     )
     key = api_key.encode() if api_key else None
     created = int(time.time())

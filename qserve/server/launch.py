@@ -42,6 +42,7 @@ class ServeOptions:
     served_model_name: str | None = None
     shutdown_timeout: int = 30  # seconds
     threads: int | None = None  # torch threads of the engine process; None: every core but one on CPU
+    tool_call_parser: str | None = None  # parses tool calls for tool_choice "auto" (vLLM's parser names)
 
 
 def device_memory(device: str) -> int:
@@ -158,7 +159,13 @@ def run_server(opts: ServeOptions) -> None:
     print("qserve serve: sized itself with this plan", flush=True)
     for line in info.plan:
         print("  " + line, flush=True)
-    app = create_app(engine, served_model_name=name, api_key=opts.api_key, max_queue=opts.max_queue)
+    app = create_app(
+        engine,
+        served_model_name=name,
+        api_key=opts.api_key,
+        max_queue=opts.max_queue,
+        tool_call_parser=opts.tool_call_parser,
+    )
     print(f"  serving '{name}' on http://{opts.host}:{opts.port}/v1", flush=True)
     uv_config = uvicorn.Config(
         app,
