@@ -177,3 +177,19 @@ def test_bad_words_never_generated(llm: LLM) -> None:
         k = len(bad)
         assert all(out.token_ids[j : j + k] != bad for j in range(len(out.token_ids))), (word, bad)
     assert out.token_ids != free.token_ids
+
+
+@pytest.mark.parametrize(("s", "v"), [(1, 5), (3, 64), (4, 100), (16, 4096)])
+def test_cpu_bitmask_matches_xgrammar(s: int, v: int) -> None:
+    import torch
+    import xgrammar as xgr
+
+    from qserve.engine.structured import apply_bitmask
+
+    g = torch.Generator().manual_seed(s * v)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (s, (v + 31) // 32), dtype=torch.int32, generator=g)
+    logits = torch.randn(s, v, generator=g)
+    want = logits.clone()
+    xgr.apply_token_bitmask_inplace(want, bitmask, backend="cpu")
+    apply_bitmask(logits, bitmask)
+    assert torch.equal(logits, want)
