@@ -157,7 +157,11 @@ def apply_logits_processors(logits: torch.Tensor, batch: LogitsBatch) -> torch.T
 
         apply_bitmask(logits, batch.bitmask)
     if batch.banned_rows is not None and batch.banned_cols is not None:
+        allowed = logits.clone() if batch.bitmask is not None else None
         logits[batch.banned_rows, batch.banned_cols] = float("-inf")
+        if allowed is not None:  # bans that leave a row's grammar no token are dropped for that row
+            dead = torch.isneginf(logits).all(dim=-1)  # (S,)
+            logits[dead] = allowed[dead]
     if batch.bias_rows is not None and batch.bias_cols is not None and batch.bias_values is not None:
         logits.index_put_((batch.bias_rows, batch.bias_cols), batch.bias_values, accumulate=True)
     if batch.penalty_rows is not None:

@@ -193,3 +193,23 @@ def test_cpu_bitmask_matches_xgrammar(s: int, v: int) -> None:
     xgr.apply_token_bitmask_inplace(want, bitmask, backend="cpu")
     apply_bitmask(logits, bitmask)
     assert torch.equal(logits, want)
+
+
+def test_bans_that_would_leave_the_grammar_no_token_are_dropped() -> None:
+    """bad_words / min_tokens against a grammar that allows only those tokens: the grammar wins, no NaN."""
+    import torch
+
+    from qserve.engine.logits_processors import LogitsBatch, apply_logits_processors
+
+    v = 40
+    bitmask = torch.zeros(2, 2, dtype=torch.int32)
+    bitmask[:, 0] = (1 << 5) | (1 << 7)  # both rows' grammars allow tokens 5 and 7 only
+    batch = LogitsBatch(
+        bitmask=bitmask,
+        banned_rows=torch.tensor([0, 0, 1]),
+        banned_cols=torch.tensor([5, 7, 5]),  # row 0: both banned; row 1: one banned
+    )
+    logits = torch.randn(2, v)
+    out = apply_logits_processors(logits, batch)
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [5, 7]  # the bans were dropped for row 0
+    assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [7]  # but kept where the grammar survives
