@@ -50,6 +50,8 @@ UNSUPPORTED_FIELDS = frozenset(
         "chat_template_kwargs",
         "documents",
         "vllm_xargs",
+        "echo",  # on chat (vLLM: repeat the last message); completions implement it
+        "return_tokens_as_token_ids",
         "thinking_token_budget",
         # llama.cpp / SGLang sampling knobs
         "typical_p",
