@@ -13,6 +13,7 @@ import torch
 from qserve.cache.kv_cache import KVCacheSpec, resolve_kv_dtype
 from qserve.cache.kv_cache_manager import KVCacheManager
 from qserve.config import EngineConfig, ModelConfig, canonical_dtype, resolve_model_path
+from qserve.engine.logits_processors import bad_words_token_ids
 from qserve.engine.metrics import EngineMetrics
 from qserve.engine.model_runner import ModelRunner
 from qserve.engine.scheduler import Scheduler
@@ -104,19 +105,6 @@ class LLMEngine:
             )
         return self._grammars
 
-    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
-        """vLLM's rule: each word as encoded alone and, when that is a different first token of the same
-        length, with a leading space (so it is banned at the start and in the middle of text)."""
-        out: list[list[int]] = []
-        for word in words:
-            bare = list(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
-            if bare:
-                out.append(bare)
-            spaced = list(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
-            if spaced and (not bare or (spaced[0] != bare[0] and len(spaced) == len(bare))):
-                out.append(spaced)
-        return out
-
     def _num_blocks(self, config: EngineConfig) -> int:
         """KV pool size, by the planner's formulas (``qserve plan`` prints the same numbers)."""
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
@@ -207,7 +195,7 @@ class LLMEngine:
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
         if params.bad_words:
-            seq.bad_words_ids = self._bad_words_ids(params.bad_words)
+            seq.bad_words_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         if params.min_tokens:
             stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_token_ids)
             seq.min_tokens_stop_ids = sorted(stop_ids)

@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from qserve import LLM, SamplingParams
+from qserve.engine.logits_processors import bad_words_token_ids
 from qserve.errors import QServeError
 from qserve.types import StructuredOutputsParams as Spec
 
@@ -169,7 +170,7 @@ def test_bad_words_never_generated(llm: LLM) -> None:
     p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     free = llm.generate(PROMPTS[1], p)[0]
     word = llm.tokenizer.decode(free.token_ids[3:5]).strip()
-    banned = llm.engine._bad_words_ids([word])
+    banned = bad_words_token_ids(llm.tokenizer, [word])
     out = llm.generate(
         PROMPTS[1], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, bad_words=[word])
     )[0]
