@@ -158,7 +158,7 @@ def test_request_waits_for_its_grammar_while_others_run(llm: LLM) -> None:
 
 def test_constrained_outputs_survive_preemption() -> None:
     small = LLM("demo", kv_cache_memory=20 * 32768, max_num_seqs=8)  # 20 blocks of 16 tokens for 8 sequences
-    outs = run(small, PROMPTS[0], sampled(Spec(json=SCHEMA), 8, max_tokens=90))
+    outs = run(small, PROMPTS[0], sampled(Spec(json=SCHEMA), 8, max_tokens=130))
     assert small.metrics()["preemptions_total"] > 0
     for o in outs:
         if o.finish_reason == "stop":
