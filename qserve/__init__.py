@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "__version__"]
 
 if TYPE_CHECKING:
     from qserve.engine.llm import LLM
-    from qserve.types import RequestOutput, SamplingParams
+    from qserve.types import RequestOutput, SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:
@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
         from qserve.engine.llm import LLM
 
         return LLM
-    if name in ("SamplingParams", "RequestOutput"):
+    if name in ("SamplingParams", "StructuredOutputsParams", "RequestOutput"):
         from qserve import types
 
         return getattr(types, name)

@@ -324,6 +324,12 @@ def serve(
     stats_interval: Annotated[
         float, typer.Option(help="Seconds between stats lines while busy (0: none).")
     ] = 10.0,
+    tool_call_parser: Annotated[
+        str | None,
+        typer.Option(
+            help="Parse tool calls for tool_choice 'auto': hermes (Hermes/Qwen, the demo) or llama3_json."
+        ),
+    ] = None,
     replica_cpus: Annotated[float, typer.Option(help="CPUs each replica reserves in Ray.")] = 1.0,
     replica_gpus: Annotated[
         float | None, typer.Option(help="GPUs each replica reserves (default: 1 on a GPU cluster).")
@@ -337,6 +343,12 @@ def serve(
 
     if replicas is None and (min_replicas, max_replicas, ray_address) != (None, None, None):
         raise QServeError("--min-replicas, --max-replicas and --ray-address need --replicas N|auto")
+    from qserve.server.tool_parsers import TOOL_PARSERS
+
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise QServeError(
+            f"unknown --tool-call-parser {tool_call_parser!r}: choose from {', '.join(TOOL_PARSERS)}"
+        )
     options = ServeOptions(
         model=model,
         host=host,
@@ -357,6 +369,7 @@ def serve(
         access_log=not disable_access_log,
         log_format=log_format,
         stats_interval=stats_interval,
+        tool_call_parser=tool_call_parser,
     )
     if replicas is None:  # one server in this process; Ray is never imported
         run_server(options)

@@ -2,9 +2,55 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from qserve.errors import QServeError
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A grammar the output must follow (vLLM's ``structured_outputs``); set exactly one field.
+
+    ``json``: a JSON schema (dict or its JSON text); ``json_object``: any JSON object; ``regex``: a regular
+    expression; ``choice``: one of these strings exactly; ``grammar``: an EBNF grammar (GBNF dialect, root rule
+    ``root``). JSON outputs are held to one layout (no free whitespace between tokens), so a sampling model
+    cannot pad a JSON output with whitespace until it runs out of tokens.
+    """
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = self.kinds()
+        if len(kinds) != 1:
+            raise QServeError(
+                "structured_outputs takes exactly one of json, json_object, regex, choice, grammar"
+                + (f" (got {', '.join(kinds)})" if kinds else "")
+            )
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise QServeError("structured_outputs.choice must be a non-empty list of strings")
+
+    def kinds(self) -> list[str]:
+        return [
+            k
+            for k in ("json", "json_object", "regex", "choice", "grammar")
+            if getattr(self, k) not in (None, False)
+        ]
+
+    def key(self) -> str:
+        """A canonical text of the spec: the grammar cache's key (equal specs share one compiled grammar)."""
+        kind = self.kinds()[0]
+        value = getattr(self, kind)
+        if kind == "json" and isinstance(value, str):
+            with contextlib.suppress(ValueError):  # a bad one is reported by the grammar check
+                value = json.loads(value)
+        return json.dumps([kind, value], sort_keys=True, separators=(",", ":"))
 
 
 @dataclass
@@ -15,12 +61,27 @@ class SamplingParams:
     depend on what else is in the batch. ``stop`` strings end generation and are cut from the text.
     ``logprobs`` N returns the sampled token's logprob and the top-N alternatives per step.
     ``prompt_logprobs`` N does the same for the prompt's own tokens (used by echo / evaluation).
+
+    Logits processing follows vLLM's formulas and order: grammar mask, ``bad_words`` (token sequences
+    banned at their last token), ``min_tokens`` (EOS and ``stop_token_ids`` banned, stop strings not
+    checked, until that many tokens), ``logit_bias`` (added), then penalties over the raw logits:
+    ``repetition_penalty`` r on every token seen in prompt or output (logit / r if > 0 else logit * r),
+    ``frequency_penalty`` f * count and ``presence_penalty`` p * [count > 0] over output tokens (subtracted);
+    then temperature, ``min_p`` (drop tokens below min_p x the top probability), top-k, top-p.
     """
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     seed: int | None = None
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
@@ -34,6 +95,9 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.bad_words = [w for w in (self.bad_words or []) if w.strip()]
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -51,10 +115,43 @@ class SamplingParams:
             n = getattr(self, name)
             if n is not None and not 0 <= n <= 20:
                 raise QServeError(f"{name} must be between 0 and 20, got {n}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise QServeError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise QServeError(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise QServeError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise QServeError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise QServeError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        for tok, bias in (self.logit_bias or {}).items():
+            if not isinstance(tok, int) or tok < 0:
+                raise QServeError(f"logit_bias keys must be token ids (non-negative integers), got {tok!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise QServeError(f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
+        if any(t < 0 for t in self.stop_token_ids or ()):
+            raise QServeError("stop_token_ids must be non-negative token ids")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits processor beyond temperature / top-k / top-p applies (the fast path skips)."""
+        return bool(
+            self.min_p > 0
+            or self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.bad_words
+        )
 
 
 @dataclass

@@ -75,7 +75,11 @@ class EngineReplica:
             print("  " + line, flush=True)
         name = opts.served_model_name or opts.model
         self.app = create_app(
-            self.engine, served_model_name=name, api_key=opts.api_key, max_queue=opts.max_queue
+            self.engine,
+            served_model_name=name,
+            api_key=opts.api_key,
+            max_queue=opts.max_queue,
+            tool_call_parser=opts.tool_call_parser,
         )
         self.lifespan = LifespanOn(Config(self.app, lifespan="on", log_config=None))
         await self.lifespan.startup()

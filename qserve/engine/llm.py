@@ -7,6 +7,7 @@ from typing import Any
 
 from qserve.config import EngineConfig, check_max_model_len
 from qserve.engine.llm_engine import LLMEngine
+from qserve.engine.structured import check_spec
 from qserve.errors import QServeError
 from qserve.types import RequestOutput, SamplingParams
 
@@ -74,6 +75,9 @@ class LLM:
         )
         if len(params) != len(items):
             raise QServeError(f"{len(items)} prompts but {len(params)} sampling params")
+        for p in {id(p): p for p in params}.values():
+            if p.structured_outputs is not None:
+                check_spec(p.structured_outputs)  # a bad schema raises here, before anything is queued
         ids: list[str] = []
         try:
             for (prompt, toks), p in zip(items, params, strict=True):

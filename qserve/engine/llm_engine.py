@@ -6,6 +6,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 import torch
@@ -14,10 +15,12 @@ from qserve.cache.kv_cache import KVCacheSpec, resolve_kv_dtype
 from qserve.cache.kv_cache_manager import KVCacheManager
 from qserve.config import EngineConfig, ModelConfig, canonical_dtype, resolve_model_path
 from qserve.engine.compiled import CompiledForward, use_cache_dir
+from qserve.engine.logits_processors import bad_words_token_ids
 from qserve.engine.metrics import EngineMetrics, StepRecord
 from qserve.engine.model_runner import ModelRunner
 from qserve.engine.scheduler import Scheduler
 from qserve.engine.sequence import Sequence
+from qserve.engine.structured import GrammarCache, GrammarState
 from qserve.errors import QServeError
 from qserve.kernels.attention import KVLayout
 from qserve.layers.attention import AttentionMetadata
@@ -113,6 +116,16 @@ class LLMEngine:
         self._last_forward_end = 0.0
         self._pending_after_last = False  # whether work was left when the last step ended
         self.on_scheduled: Callable[[], None] | None = None  # called after scheduling a non-empty step
+        self._grammars: GrammarCache | None = None  # built on the first structured request
+        self._compiling: list[Sequence] = []  # waiting sequences whose grammar is not ready yet
+
+    @property
+    def grammars(self) -> GrammarCache:
+        if self._grammars is None:
+            self._grammars = GrammarCache(
+                self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids)
+            )
+        return self._grammars
 
     def _num_blocks(self, config: EngineConfig) -> int:
         """KV pool size, by the planner's formulas (``qserve plan`` prints the same numbers)."""
@@ -200,6 +213,15 @@ class LLMEngine:
             logprobs=[] if params.logprobs is not None else None,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
+        if params.bad_words:
+            seq.bad_words_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+        if params.min_tokens:
+            stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else self.eos_token_ids)
+            seq.min_tokens_stop_ids = sorted(stop_ids)
+        if params.structured_outputs is not None:
+            seq.grammar = GrammarState(self.grammars.submit(params.structured_outputs))
+            if not seq.grammar.poll():
+                self._compiling.append(seq)
         self.seqs[request_id] = seq
         self.detok[seq.seq_id] = IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, params.skip_special_tokens
@@ -222,15 +244,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return the requests that made progress this step."""
         t0 = time.perf_counter()
+        failed = self._poll_grammars()
         so = self.scheduler.schedule()
         t1 = time.perf_counter()
         if so.is_empty:
-            return []
+            if self._compiling and not failed:  # only compiling requests are left: wait a moment, not spin
+                wait([q.grammar.future for q in self._compiling if q.grammar], 0.01, FIRST_COMPLETED)
+            return failed
         if self.on_scheduled is not None:
             self.on_scheduled()
         ro = self.runner.execute(so)
         t2 = time.perf_counter()
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput] = failed
         for s in so.scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
@@ -250,6 +275,25 @@ class LLMEngine:
         self._pending_after_last = self.scheduler.has_unfinished()
         return outputs
 
+    def _poll_grammars(self) -> list[RequestOutput]:
+        """Mark sequences whose grammar finished compiling schedulable; finish those whose compile failed."""
+        if not self._compiling:
+            return []
+        failed: list[RequestOutput] = []
+        still: list[Sequence] = []
+        for seq in self._compiling:
+            g = seq.grammar
+            if seq.is_finished or g is None:
+                continue
+            if not g.poll():
+                still.append(seq)
+            elif g.error is not None:
+                logger.warning("request %s: %s", seq.request_id, g.error)
+                self._finish(seq, "abort")
+                failed.append(self._output(seq, "", []))
+        self._compiling = still
+        return failed
+
     def _append_token(self, seq: Sequence, token: int, logprob: Any) -> RequestOutput:
         p = seq.params
         if p.max_tokens == 0:  # prompt scoring only (echo): nothing is generated
@@ -263,11 +307,16 @@ class LLMEngine:
         self.stats.generation_tokens_total += 1
         delta = self.detok[seq.seq_id].step([token])
         reason = None
+        if seq.grammar is not None and seq.grammar.matcher is not None:
+            if not seq.grammar.accept(token):
+                logger.warning("request %s: token %d rejected by its grammar", seq.request_id, token)
+            elif seq.grammar.terminated:
+                reason = "stop"
         if (token in self.eos_token_ids and not p.ignore_eos) or token in (p.stop_token_ids or ()):
             reason = "stop"
         elif seq.num_tokens >= seq.max_total_tokens:
             reason = "length"
-        if p.stop and delta:
+        if p.stop and delta and seq.num_output_tokens >= p.min_tokens:  # vLLM: none before min_tokens
             # search only the tail where a stop string could newly appear
             text = seq.output_text + delta
             tail_start = max(0, len(seq.output_text) - max(len(s) for s in p.stop) + 1)

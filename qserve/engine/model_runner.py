@@ -10,6 +10,7 @@ import torch
 
 from qserve.cache.kv_cache_manager import KVCacheManager
 from qserve.engine.compiled import CompiledForward
+from qserve.engine.logits_processors import prepare_logits
 from qserve.engine.sampler import sample, token_logprob
 from qserve.engine.scheduler import SchedulerOutput
 from qserve.engine.step_buffers import StepBuffers, StepShape
@@ -151,7 +152,8 @@ class ModelRunner:
         out.forward_start = out.forward_end - (t2 - t1)
         out.device_seconds = events[0].elapsed_time(events[1]) / 1e3 if events is not None else t2 - t1
         if logits is not None:
-            tokens, lps = sample(logits, [q.params for q in sampling], [q.generator for q in sampling])
+            procs = prepare_logits(sampling, logits.shape[-1], logits.device)
+            tokens, lps = sample(logits, [q.params for q in sampling], [q.generator for q in sampling], procs)
             for seq, tok, lp in zip(sampling, tokens, lps, strict=True):
                 out.sampled[seq.seq_id] = tok
                 if lp is not None:

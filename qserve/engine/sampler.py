@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from qserve.engine.logits_processors import LogitsBatch, apply_logits_processors
 from qserve.types import SamplingParams, TokenLogprob
 
 
@@ -22,9 +23,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    raw_logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    processors: LogitsBatch | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: (S, V) float32, one row per sequence. Returns token ids and, where asked, their logprobs."""
+    """raw_logits: (S, V) float32, one row per sequence; ``processors`` (grammar, penalties, bias, min_p...)
+    shape what is sampled, while logprobs stay those of the model. Returns token ids and logprobs."""
+    logits = raw_logits if processors is None else apply_logits_processors(raw_logits, processors)
     greedy_ids = logits.argmax(dim=-1).tolist()  # (S,) one pass for every greedy row
     tokens: list[int] = []
     for i, p in enumerate(params):
@@ -37,7 +43,7 @@ def sample(
     lps: list[TokenLogprob | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:
-        logp = torch.log_softmax(logits[want], dim=-1)  # (W, V): the model's own distribution
+        logp = torch.log_softmax(raw_logits[want], dim=-1)  # (W, V): the model's own distribution
         for r, i in enumerate(want):
             lps[i] = token_logprob(logp[r], tokens[i], params[i].logprobs or 0)
     return tokens, lps

@@ -78,6 +78,13 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
+            if not seq.schedulable:  # its grammar still compiles: admit the first one behind it that is ready
+                nxt = next((q for q in self.waiting if q.schedulable), None)
+                if nxt is None:
+                    break
+                self.waiting.remove(nxt)
+                self.waiting.appendleft(nxt)
+                seq = nxt
             # fresh or preempted: reuse whatever prefix is cached (not when prompt logprobs need every position)
             looked_up = seq.num_computed_tokens == 0 and seq.params.prompt_logprobs is None
             if looked_up:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from qserve.types import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from qserve.engine.structured import GrammarState
 
 
 class SeqStatus(enum.Enum):
@@ -43,6 +47,14 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    grammar: GrammarState | None = None  # structured outputs: compile future, then matcher
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token sequences
+    min_tokens_stop_ids: list[int] = field(default_factory=list)  # banned until min_tokens (EOS, stop ids)
+
+    @property
+    def schedulable(self) -> bool:
+        """False while its grammar compiles: it then waits in the queue and the others run."""
+        return self.grammar is None or self.grammar.ready
 
     @property
     def num_tokens(self) -> int:

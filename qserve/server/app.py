@@ -61,13 +61,15 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     access_log: bool = True,
     stats_interval: float = 10.0,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     """An app serving ``engine``: an LLMEngine (run on a thread of this process) or a started
     `EngineProcess`. The app starts the engine on startup and stops it (aborting whatever still runs) on
     shutdown. ``app.state.engine_thread.begin_drain()`` makes it refuse new work (503);
     ``app.state.tracker.inflight`` counts the requests in flight that were admitted before that.
     ``access_log``: one ``qserve.access`` line per request; ``stats_interval``: seconds between
-    ``qserve.stats`` lines while busy (0: none)."""
+    ``qserve.stats`` lines while busy (0: none). ``tool_call_parser`` names the parser of tool calls for
+    ``tool_choice: auto`` (server/tool_parsers.py)."""
     thread: EngineClient = EngineThread(engine, max_queue) if isinstance(engine, LLMEngine) else engine
     info = thread.info
     metrics = ServerMetrics(lambda: thread.snapshot)
@@ -76,7 +78,7 @@ def create_app(
     # the HTTP side's own tokenizer copy: the engine's detokenizers never share one with it
     tokenizer = load_tokenizer(resolve_model_path(info.model))
     serving = OpenAIServing(
-        thread, tokenizer, served_model_name, info.max_model_len, info.vocab_size, metrics
+        thread, tokenizer, served_model_name, info.max_model_len, info.vocab_size, metrics, tool_call_parser
     )
     key = api_key.encode() if api_key else None
     created = int(time.time())

@@ -57,6 +57,7 @@ class Choice:
         self.echoed = False
         self.prompt_lp_sent = False
         self.text_offset = 0  # legacy logprobs: chars of token text already numbered
+        self.tools: Any = None  # chat with a tool parser: its ToolStreamer (server/tools.py)
 
     def update(self, d: Delta) -> None:
         self.text = d.text

@@ -56,6 +56,7 @@ class ServeOptions:
     access_log: bool = True
     log_format: str = "text"  # text | json
     stats_interval: float = 10.0  # seconds between stats lines while busy; 0: none
+    tool_call_parser: str | None = None  # parses tool calls for tool_choice "auto" (vLLM's parser names)
 
 
 def device_memory(device: str) -> int:
@@ -215,6 +216,7 @@ def run_server(opts: ServeOptions) -> None:
         max_queue=opts.max_queue,
         access_log=opts.access_log,
         stats_interval=opts.stats_interval,
+        tool_call_parser=opts.tool_call_parser,
     )
     uv_config = uvicorn.Config(
         app,

@@ -26,18 +26,20 @@ from qserve.server.engine_thread import (
     QueueFullError,
     RequestGroup,
 )
+from qserve.server.fields import checked, structured_spec
 from qserve.server.formatting import Choice, TokenTexts, chat_logprobs, completion_logprobs
 from qserve.server.metrics import ServerMetrics
 from qserve.server.protocol import (
     MAX_CHOICES,
     APIError,
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
+    SamplingFields,
     check_length,
     usage,
 )
-from qserve.types import SamplingParams
+from qserve.server.tools import ToolStreamer, final_message, template_messages, tool_setup
+from qserve.types import SamplingParams, StructuredOutputsParams
 
 T = TypeVar("T")
 
@@ -73,40 +75,34 @@ def sse(obj: Any) -> str:
 
 
 def chat_text(
-    tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = True
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    generation_prompt: bool = True,
 ) -> tuple[str, bool]:
     """The text a chat renders to, and whether the tokenizer's chat template made it (then the text carries
     its own special tokens). Without a template: a plain ``role: content`` transcript ending in
-    ``assistant:`` (with ``generation_prompt``), which the model can continue."""
+    ``assistant:`` (with ``generation_prompt``), which the model can continue (it cannot show tools: a 400
+    then)."""
     if getattr(tokenizer, "chat_template", None):
         try:
             text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
+                messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
             )
         except Exception as e:  # jinja raises TemplateError (e.g. roles out of order) and friends
             raise APIError(400, f"chat template error: {e}", param="messages") from None
         return str(text), True
+    if tools:
+        raise APIError(400, "this model has no chat template to render 'tools' with", param="tools")
     transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return transcript + ("assistant:" if generation_prompt else ""), False
 
 
-def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Chat messages as the template sees them (text content parts joined; other parts refused)."""
-    out = []
-    for m in messages:
-        if isinstance(m.content, list):
-            if any(part.type != "text" for part in m.content):
-                raise APIError(400, "only text content parts are supported", param="messages")
-            content = "".join(part.text or "" for part in m.content)
-        else:
-            content = m.content or ""
-        out.append({"role": m.role, "content": content})
-    return out
-
-
-def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """A chat's prompt token ids (see chat_text)."""
-    text, templated = chat_text(tokenizer, messages)
+    text, templated = chat_text(tokenizer, messages, tools)
     return list(tokenizer.encode(text, add_special_tokens=not templated))
 
 
@@ -119,7 +115,9 @@ class OpenAIServing:
         max_model_len: int,
         vocab_size: int,
         metrics: ServerMetrics,
+        tool_call_parser: str | None = None,
     ):
+        self.tool_call_parser = tool_call_parser
         self.thread = thread
         self.tokenizer = tokenizer
         self.model_name = served_model_name
@@ -151,6 +149,7 @@ class OpenAIServing:
         prompts = self._prompt_list(req.prompt)
         if len(prompts) * n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} prompts x n per request", param="prompt")
+        spec = await self._structured(req, None)
         encoded = await self.off_loop(self._encode, prompts, echo)
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         for _, ids in encoded:
@@ -160,7 +159,9 @@ class OpenAIServing:
         reqs, choices = [], []
         for p, (text, ids) in enumerate(encoded):
             for i in range(n):
-                params = req.sampling_params(max_tokens, i, logprobs=lp, prompt_logprobs=lp if echo else None)
+                params = req.sampling_params(
+                    max_tokens, i, logprobs=lp, prompt_logprobs=lp if echo else None, structured=spec
+                )
                 reqs.append(EngineRequest(f"{rid}-{p}-{i}", ids, params))
                 choices.append(Choice(ids, text if echo else "", stops(params), echo))
         group = self._submit(reqs)
@@ -208,7 +209,10 @@ class OpenAIServing:
         n = req.check(self.model_name)
         if not req.messages:
             raise APIError(400, "'messages' must not be empty", param="messages")
-        ids = await self.off_loop(self._render_chat, message_dicts(req.messages))
+        messages = template_messages(req.messages)
+        setup = tool_setup(req, self.tool_call_parser)
+        spec = await self._structured(req, setup.spec)
+        ids = await self.off_loop(self._render_chat, messages, setup.tools)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = max(self.max_model_len - len(ids), 0)
@@ -217,9 +221,11 @@ class OpenAIServing:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         reqs, choices = [], []
         for i in range(n):
-            params = req.sampling_params(max_tokens, i, logprobs=top)
+            params = req.sampling_params(max_tokens, i, logprobs=top, structured=spec)
             reqs.append(EngineRequest(f"{rid}-{i}", ids, params))
             choices.append(Choice(ids, "", stops(params), False))
+            if setup.parser is not None:
+                choices[-1].tools = ToolStreamer(setup)
         group = self._submit(reqs)
         head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name}
         record_usage(request, len(ids), choices)
@@ -234,13 +240,31 @@ class OpenAIServing:
             logprobs = (
                 await self.off_loop(chat_logprobs, c.logprobs, self.token_text) if top is not None else None
             )
-            message = {"role": "assistant", "content": c.text}
-            out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": c.finish})
+            message, finish = final_message(c.text, c.finish, setup)
+            out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         completion = sum(c.num_output_tokens for c in choices)
         return JSONResponse({**head, "choices": out, "usage": usage(len(ids), completion)})
 
-    def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return render_chat(self.tokenizer, messages)
+    def _render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        return render_chat(self.tokenizer, messages, tools)
+
+    async def _structured(
+        self, req: SamplingFields, imposed: StructuredOutputsParams | None
+    ) -> StructuredOutputsParams | None:
+        """The request's output constraint (``imposed`` by its tool choice, or asked for), parsed off the
+        loop: 400 with the grammar parser's message when it does not parse."""
+        spec = structured_spec(req)
+        if imposed is not None:
+            if spec is not None:
+                raise APIError(
+                    400,
+                    "'tool_choice' required or named cannot be combined with an output format",
+                    param="tool_choice",
+                )
+            return await self.off_loop(checked, imposed, "tools")
+        if spec is None:
+            return None
+        return await self.off_loop(checked, *spec)
 
     # ------------------------------------------------------------------ running a group
     def _finish(self, c: Choice, d: Delta, arrival: float) -> None:
@@ -308,14 +332,22 @@ class OpenAIServing:
                 text, tokens = c.take(d.finished)
                 if not (text or d.finished or d.token_ids):
                     continue  # one chunk per step that made tokens, even when their text is held back
+                finish = c.finish
                 if chat:
                     lp = chat_logprobs(tokens, self.token_text) if want_logprobs else None
-                    delta = {"content": text} if text or not d.finished else {}
+                    if c.tools is not None:
+                        delta = c.tools.feed(text, d.finished)
+                        if d.finished and c.tools.made_calls and finish == "stop":
+                            finish = "tool_calls"
+                        if not delta and not d.finished and not want_logprobs:
+                            continue
+                    else:
+                        delta = {"content": text} if text or not d.finished else {}
                     piece: dict[str, Any] = {"index": d.index, "delta": delta}
                 else:
                     lp = completion_logprobs(c, self.token_text, tokens) if want_logprobs else None
                     piece = {"index": d.index, "text": text}
-                yield sse({**head, "choices": [{**piece, "logprobs": lp, "finish_reason": c.finish}]})
+                yield sse({**head, "choices": [{**piece, "logprobs": lp, "finish_reason": finish}]})
             if include_usage:
                 completion = sum(c.num_output_tokens for c in choices)
                 yield sse({**head, "choices": [], "usage": usage(num_prompt, completion)})

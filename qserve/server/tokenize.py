@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from qserve.server.protocol import APIError, ChatMessage, _Body
-from qserve.server.serving import chat_text, message_dicts
+from qserve.server.serving import chat_text
+from qserve.server.tools import template_messages
 
 
 class TokenizeRequest(_Body):
@@ -53,7 +54,7 @@ def tokenize(req: TokenizeRequest, tokenizer: Any, max_model_len: int) -> dict[s
         if not req.messages:
             raise APIError(400, "'messages' must not be empty", param="messages")
         gen = req.add_generation_prompt is not False
-        text, templated = chat_text(tokenizer, message_dicts(req.messages), generation_prompt=gen)
+        text, templated = chat_text(tokenizer, template_messages(req.messages), generation_prompt=gen)
         special = bool(req.add_special_tokens) if req.add_special_tokens is not None else not templated
     else:
         assert req.prompt is not None
