@@ -13,6 +13,7 @@ from qserve import LLM, SamplingParams
 from qserve.engine.logits_processors import apply_logits_processors, banned_bad_words, prepare_logits
 from qserve.engine.sequence import Sequence
 from qserve.errors import QServeError
+from qserve.kernels.cpu_ops import step_plans
 from tests.tiny_models import EOS_ID
 
 
@@ -171,10 +172,10 @@ def teacher_logits(llm: LLM, toks: list[int]) -> list[float]:
     eng = llm.engine
     seq = eng.add_request("teacher", None, SamplingParams(max_tokens=1, temperature=0), prompt_token_ids=toks)
     so = eng.scheduler.schedule()
-    ids, pos, meta, rows = eng.runner._prepare(so)
-    with torch.inference_mode():
-        hidden = eng.model(ids, pos, meta, eng.runner.kv_caches)
-        logits = eng.model.compute_logits(hidden[rows])  # (1, V)
+    batch = eng.runner._prepare(so)
+    with torch.inference_mode(), step_plans():
+        hidden = eng.model(batch.ids, batch.positions, batch.meta, eng.runner.kv_caches)
+        logits = eng.model.compute_logits(hidden[batch.logits_rows])  # (1, V)
     eng.abort_request(seq.request_id)
     return logits[0].float().tolist()
 
