@@ -65,6 +65,10 @@ def convert(
     if not any(u.kind != "copy" for u in units):
         raise QServeError(f"no decoder linear layers found in {src_dir}")
     calib_text = _calibration_text(calib) if target.source is None and qconfig["method"] == "awq" else None
+    if calib_text is not None and cfg.moe is not None:
+        raise QServeError(
+            f"--method awq does not support MoE models ({cfg.architecture}) yet: use --method rtn"
+        )
     settings = {**qconfig, "source": str(src_dir)}
     report = Report(settings)
     with _staging(out_dir, force) as tmp:

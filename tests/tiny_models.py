@@ -51,7 +51,7 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         num_experts=8,
         num_experts_per_tok=2,
         moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
+        shared_expert_intermediate_size=64,
         mlp_only_layers=[1],
         norm_topk_prob=False,
     ),

@@ -154,11 +154,17 @@ class FusedMoE(nn.Module):
         self.w13 = w13.to(self.device, self.dtype).contiguous()
         self.w2 = w2.to(self.device, self.dtype).contiguous()
 
-    def set_quantized(self, q13: list[QuantizedWeight], q2: list[QuantizedWeight]) -> None:
-        """Install per-expert QuantizedWeights (gate+up fused, down), re-packed for this device."""
+    def set_quantized(
+        self, q13: list[QuantizedWeight], q2: list[QuantizedWeight], keep_layout: bool = False
+    ) -> None:
+        """Install per-expert QuantizedWeights (gate+up fused, down), re-packed for this device.
+
+        ``keep_layout`` keeps qserve's own layout even on CPU (the path other devices take; for tests).
+        """
         weights, group = q13[0].weights, q13[0].group_size
         self.group_size = group
-        on_cpu = self.device.type == "cpu"
+        self.w13_scales = self.w2_scales = self.w13_zeros = self.w2_zeros = None
+        on_cpu = self.device.type == "cpu" and not keep_layout
         if on_cpu and weights == "int4" and cpu_int4_ok(group):
             self.kind = "cpu-int4"
             packed13 = [pack_cpu_int4(q) for q in q13]
