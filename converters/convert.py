@@ -60,15 +60,13 @@ def convert(
     except ValueError as e:
         raise QServeError(f"cannot convert {src_dir}: {e}") from None
     target, qconfig = _target(source, weights, group_size, method)
+    if target.source is None and qconfig["method"] == "awq" and cfg.moe is not None:
+        raise QServeError(f"--method awq does not support MoE models ({cfg.architecture}) yet: use --method rtn")
     ckpt = SourceCheckpoint(src_dir)
     units = plan(ckpt, target)
     if not any(u.kind != "copy" for u in units):
         raise QServeError(f"no decoder linear layers found in {src_dir}")
     calib_text = _calibration_text(calib) if target.source is None and qconfig["method"] == "awq" else None
-    if calib_text is not None and cfg.moe is not None:
-        raise QServeError(
-            f"--method awq does not support MoE models ({cfg.architecture}) yet: use --method rtn"
-        )
     settings = {**qconfig, "source": str(src_dir)}
     report = Report(settings)
     with _staging(out_dir, force) as tmp:
