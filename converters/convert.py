@@ -61,7 +61,9 @@ def convert(
         raise QServeError(f"cannot convert {src_dir}: {e}") from None
     target, qconfig = _target(source, weights, group_size, method)
     if target.source is None and qconfig["method"] == "awq" and cfg.moe is not None:
-        raise QServeError(f"--method awq does not support MoE models ({cfg.architecture}) yet: use --method rtn")
+        raise QServeError(
+            f"--method awq does not support MoE models ({cfg.architecture}) yet: use --method rtn"
+        )
     ckpt = SourceCheckpoint(src_dir)
     units = plan(ckpt, target)
     if not any(u.kind != "copy" for u in units):
