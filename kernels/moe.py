@@ -17,7 +17,11 @@ padded rows with ``-1``. Weight layouts (``kind``):
 * ``"cpu-int8"``: ``w13`` int8 (E, 2I, H), ``w13_scales`` bf16 (E, 2I); ``w2`` int8 (E, H, I) alike. bfloat16.
 * ``"int4"`` / ``"int8"``: qserve's layout (:mod:`qserve.kernels.packing`) stacked over experts
   (``w13`` (E, 2I, H/2) uint8 or (E, 2I, H) int8, scales, and for int4 ``w13_zeros``/``w2_zeros``), computed
-  per expert with :func:`qserve.kernels.quant_matmul.quant_matmul` (Triton on CUDA, the reference elsewhere).
+  on CUDA by the fused Triton kernel, elsewhere per expert by the reference dequantize + matmul.
+
+On CUDA (and under ``TRITON_INTERPRET=1``) float16/bfloat16 activations with ``float``, ``int8`` or ``int4``
+experts take the fused Triton kernel instead (:mod:`qserve.kernels.fused_moe`: one grouped GEMM per projection
+over block-aligned sorted assignments, as vLLM's fused_moe); everything else takes the grouped loop.
 
 The op has a fake implementation, so models that call it stay ``torch.compile``-able (the grouped loop is
 opaque to the compiler: its only data-dependent step, the per-expert row counts, stays inside the op).
@@ -30,6 +34,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MOE_KINDS = ("float", "cpu-int4", "cpu-int8", "int4", "int8")
+
+
+def _use_triton(x: Tensor) -> bool:
+    from qserve.kernels.quant_matmul_configs import HAS_TRITON
+    from qserve.kernels.quant_matmul_launch import _interpreting
+
+    return HAS_TRITON and x.dtype in (torch.float16, torch.bfloat16) and (x.is_cuda or _interpreting())
+
+
 _CPU_DTYPE = torch.bfloat16
 
 
@@ -126,6 +139,13 @@ def moe_experts_op(
 ) -> Tensor:
     """The grouped expert compute (module docstring). Returns (T, hidden) in x's dtype."""
     _check(x, topk_ids, topk_weights, w13, w2, kind, hidden)
+    if kind in ("float", "int8", "int4") and _use_triton(x):
+        from qserve.kernels.fused_moe import fused_moe_triton
+
+        return fused_moe_triton(
+            x, topk_ids, topk_weights, w13, w2, kind, inter, w13_scales, w2_scales, w13_zeros, w2_zeros,
+            group_size,
+        )  # fmt: skip
     t, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     out = torch.zeros(t, hidden, dtype=torch.float32, device=x.device)  # accumulated in float32
