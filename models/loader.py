@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from qserve.models.llama import FUSED_PROJECTIONS
 from qserve.models.moe import CHECKPOINT_RENAMES
 from qserve.models.registry import get_model_class
 
+# bitsandbytes 4-bit quant state tensors: P.weight.<state> belongs to module P, suffix "weight.<state>"
+_BNB_STATE = re.compile(
+    r"^(?P<module>.+)\.(?P<suffix>weight\.(?:absmax|quant_map|nested_absmax|nested_quant_map"
+    r"|quant_state\.bitsandbytes__(?:nf4|fp4)))$"
+)
+_IGNORED = ("rotary_emb.inv_freq", ".weight_format")  # recomputed buffers; bitsandbytes int8 metadata
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -78,7 +85,7 @@ def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.d
             raise QServeError(f"cannot read {file}: {e}") from None
         with handle as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if "rotary_emb.inv_freq" in name:
+                if name.endswith(_IGNORED):
                     continue
                 tensor = f.get_tensor(name)
                 name = _rename(name)
@@ -86,7 +93,8 @@ def load_model(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.d
                 if sep and hasattr(modules.get(f"{owner}.experts"), "load_named"):
                     named[f"{owner}.experts"][rel] = tensor
                     continue
-                module_name, _, suffix = name.rpartition(".")
+                bnb = _BNB_STATE.match(name)
+                module_name, _, suffix = (bnb["module"], ".", bnb["suffix"]) if bnb else name.rpartition(".")
                 parent, _, leaf = module_name.rpartition(".")
                 if leaf in FUSED_PROJECTIONS:
                     fused, shard = FUSED_PROJECTIONS[leaf]

@@ -297,7 +297,10 @@ def inventory_from_dir(path: Path, cfg: ModelConfig) -> WeightInventory:
                 float_bytes += nbytes
             stored_bytes += nbytes
             expert_bytes += nbytes if routed and leaf in LINEAR_LEAVES else 0
-    if quant and quant.source != "qserve":  # AutoAWQ / GPTQ: re-packed into qserve's layout at load
+    if quant and quant.source == "bnb":  # packed (N K / 2, 1) codes: shapes from the config, bytes as stored
+        shapes = inventory_from_config(cfg)
+        linears, experts, float_elems = list(shapes.linears), list(shapes.expert_linears), shapes.float_elems
+    elif quant and quant.source != "qserve":  # AutoAWQ / GPTQ: re-packed into qserve's layout at load
         stored_bytes = float_bytes + sum(linear_bytes(n, k, "int4", quant.group_size) for n, k in linears)
         expert_bytes = sum(linear_bytes(n, k, "int4", quant.group_size) for n, k in experts)
     moe = cfg.moe

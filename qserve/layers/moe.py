@@ -69,6 +69,10 @@ class FusedMoE(nn.Module):
         device: torch.device,
     ) -> None:
         super().__init__()
+        if quant is not None and quant.weights in ("nf4", "fp4"):
+            raise QServeError(
+                "bitsandbytes 4-bit MoE experts are not supported: convert the float checkpoint"
+            )
         self.num_experts, self.hidden, self.inter = num_experts, hidden_size, intermediate_size
         self.quant, self.dtype, self.device = quant, dtype, torch.device(device)
         self.kind = "unloaded"
@@ -132,7 +136,7 @@ class FusedMoE(nn.Module):
 
     def _to_qserve(self, shard: dict[str, torch.Tensor]) -> QuantizedWeight:
         assert self.quant is not None
-        if "qweight" not in shard and "weight" in shard:
+        if "qweight" not in shard and "weight" in shard and shard["weight"].is_floating_point():
             return self._quantize(shard["weight"])
         try:
             return self.quant.to_qserve(shard)

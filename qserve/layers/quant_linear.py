@@ -121,7 +121,7 @@ class QuantLinear(nn.Module):
         self.set_weight(qw)
 
     def _to_qserve(self, shard: dict[str, torch.Tensor]) -> QuantizedWeight:
-        if "qweight" not in shard and "weight" in shard:
+        if "qweight" not in shard and "weight" in shard and shard["weight"].is_floating_point():
             w = shard["weight"]
             return quantize(w, self.spec.weights, self.spec.group_size, scale_dtype=w.dtype)
         return self.spec.to_qserve(shard)
