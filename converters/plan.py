@@ -134,10 +134,15 @@ def _linear_unit(module: str, parts: dict[str, TensorInfo], target: Target) -> U
     if len(w.shape) != 2:
         raise UnsupportedModelError(f"{w.name} is not a matrix: shape {w.shape}")
     n, k = w.shape
-    if target.weights == "int4" and k % target.group_size:
+    if target.weights == "int4" and k % target.group_size:  # (nf4 blocks run over the flattened weight)
         raise QServeError(f"group size {target.group_size} does not divide in_features {k} of {w.name}")
     dtype = FLOAT_DTYPES[w.dtype]
-    outs = quantized_outputs(module, n, k, target.weights, target.group_size, dtype)
+    if target.weights == "nf4":
+        from qserve.converters.bnb import nf4_outputs
+
+        outs = nf4_outputs(module, n, k, dtype)
+    else:
+        outs = quantized_outputs(module, n, k, target.weights, target.group_size, dtype)
     return Unit("quantize", module, {"weight": w.name}, outs, layer, leaf, size, {"shape": [n, k]})
 
 

@@ -66,3 +66,43 @@ def test_bnb_checkpoint_agrees_with_transformers(
     assert type(layer).__name__ == ("QuantLinear" if kind == "int8" else "Bnb4bitLinear")
     agreement = teacher_forced_agreement(hf, llm, prompts(8))
     assert agreement >= 0.95, agreement
+
+
+def test_convert_nf4_matches_bitsandbytes(tiny_model_factory: Callable[..., Path], tmp_path: Path) -> None:
+    """`qserve convert --weights nf4` writes exactly what transformers + bitsandbytes write, and both load it."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from qserve.converters import convert
+    from qserve.converters.report import REPORT_NAME
+    from tests.converters.test_convert import _tensors
+
+    src = tiny_model_factory("qwen2")  # q/k/v biases, tied embeddings
+    ours = convert(src, tmp_path / "ours", weights="nf4", progress=False)
+    hf = quantize_with_transformers(src, tmp_path / "hf", **CONFIGS["nf4"])
+    a, b = _tensors(ours), _tensors(tmp_path / "hf")
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    q = json.loads((ours / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "bitsandbytes" and q["bnb_4bit_quant_type"] == "nf4" and q["load_in_4bit"]
+    report = json.loads((ours / REPORT_NAME).read_text())
+    assert len(report["layers"]) == 2 * 7 and report["summary"]["max_rel_error"] < 0.12
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        str(ours), dtype=torch.float32
+    ).eval()  # transformers reads it
+    llm = LLM(str(ours), kv_cache_memory=1 << 20, dtype="float32")
+    assert teacher_forced_agreement(reloaded, llm, prompts(4)) >= 0.95
+    assert teacher_forced_agreement(hf, llm, prompts(4)) >= 0.95
+
+
+def test_convert_nf4_errors(tiny_model_factory: Callable[..., Path], tmp_path: Path) -> None:
+    from qserve.converters import convert
+    from qserve.errors import QServeError
+
+    with pytest.raises(QServeError, match="--group-size/--method do not apply"):
+        convert(tiny_model_factory("llama"), tmp_path / "a", weights="nf4", group_size=64, progress=False)
+    with pytest.raises(QServeError, match="nf4 does not support MoE"):
+        convert(tiny_model_factory("mixtral"), tmp_path / "b", weights="nf4", progress=False)
+    assert not list(tmp_path.iterdir())
