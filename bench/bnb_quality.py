@@ -10,18 +10,33 @@ Both compute in bfloat16 (bnb_4bit_compute_dtype bf16), blocksize 64, no double 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
-
-from quant_quality import CONTEXT, hf_ppl, qserve_ppl  # bench/ is sys.path[0] when run as a script
 
 from qserve.config import resolve_model_path
 from qserve.converters import convert
 from qserve.demo import HELDOUT_TEXT
 
+_HERE = Path(__file__).resolve().parent
+
+
+def _quant_quality():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("quant_quality", _HERE / "quant_quality.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 def main() -> None:
+    # bench/kernels.py would shadow the `kernels` package transformers and bitsandbytes probe for: drop bench/
+    # (sys.path[0] when run as a script) from the path before they are imported.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+    qq = _quant_quality()
+    CONTEXT, hf_ppl, qserve_ppl = qq.CONTEXT, qq.hf_ppl, qq.qserve_ppl  # noqa: N806
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench/out/bnb"))
     ap.add_argument("--max-tokens", type=int, default=65536)

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+_HERE = Path(__file__).resolve().parent
 
 OUT = Path(__file__).resolve().parent / "out"
 CONFIG: dict[str, Any] = dict(
@@ -45,9 +48,7 @@ def build(path: Path) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", **CONFIG), dtype=torch.bfloat16)
     model.save_pretrained(str(path))
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(_HERE.parent))
     from tests.tiny_models import write_byte_tokenizer
 
     write_byte_tokenizer(path)
@@ -66,6 +67,9 @@ def run(llm: Any, prompts: list[list[int]], output_len: int) -> float:
 
 
 def main() -> None:
+    # bench/kernels.py would shadow the `kernels` package transformers and bitsandbytes probe for: drop bench/
+    # (sys.path[0] when run as a script) from the path before they are imported.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=128)

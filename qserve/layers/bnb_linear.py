@@ -17,6 +17,8 @@ quantization ``P.weight.nested_absmax`` / ``P.weight.nested_quant_map``. LLM.int
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -88,22 +90,24 @@ class Bnb4bitLinear(nn.Module):
                     w, state, requires_grad=False, device=self.device, module=lin
                 )
             parts.append(lin)
-        if sum(lin.out_features for lin in parts) != self.out_features:
-            raise QServeError(
-                f"bitsandbytes weights have {sum(lin.out_features for lin in parts)} outputs, layer expects "
-                f"{self.out_features}"
-            )
+        outs = sum(int(m.out_features) for m in self._linears(parts))
+        if outs != self.out_features:
+            raise QServeError(f"bitsandbytes weights have {outs} outputs, layer expects {self.out_features}")
         if self.has_bias:
             if any("bias" not in s for s in shards):
                 raise QServeError("checkpoint lacks a bias the config asks for")
             self.bias = torch.cat([s["bias"] for s in shards]).to(self.device, self.dtype)
         self.parts = parts
 
+    @staticmethod
+    def _linears(parts: nn.ModuleList) -> list[Any]:  # bitsandbytes' Linear4bit (untyped)
+        return list(parts)
+
     @property
     def nbytes(self) -> int:
         """Packed codes plus absmax (and nested absmax) of every part."""
         n = 0
-        for lin in self.parts:
+        for lin in self._linears(self.parts):
             qs = lin.weight.quant_state
             n += lin.weight.numel() * lin.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
             if qs.state2 is not None:

@@ -80,3 +80,20 @@ def test_config_refuses_bad_top_k(tiny_model_factory: Callable[..., Path], tmp_p
     rewrite_config(bad, num_experts_per_tok=9)
     with pytest.raises(QServeError, match="num_experts_per_tok 9"):
         ModelConfig.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_padded_rows_do_not_change_real_rows_and_block_compiles(
+    arch: str, tiny_model_factory: Callable[..., Path]
+) -> None:
+    """Token rows of no sequence (zeros, as a padded bucket holds) route harmlessly; the block has no graph break."""
+    llm = LLM(str(tiny_model_factory(arch)), kv_cache_memory=1 << 20, dtype="float32")
+    block = next(m for m in llm.engine.model.modules() if isinstance(m, SparseMoeBlock))
+    x = torch.randn(5, llm.engine.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([x, torch.zeros(3, x.shape[1])])  # (8, H): 3 padded rows
+    with torch.no_grad():
+        base, out = block(x), block(padded)
+        torch.testing.assert_close(out[:5], base, atol=1e-6, rtol=1e-5)
+        assert torch.isfinite(out).all()
+        compiled = torch.compile(block, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(padded), out, atol=1e-6, rtol=1e-5)
