@@ -61,11 +61,25 @@ def convert(
     except ValueError as e:
         raise QServeError(f"cannot convert {src_dir}: {e}") from None
     target, qconfig = _target(source, weights, group_size, method)
+    if target.weights == "nf4":
+        from qserve.converters.bnb import bnb_config
+
+        if cfg.moe is not None:
+            raise QServeError(
+                f"--weights nf4 does not support MoE models ({cfg.architecture}): use int4 or int8"
+            )
+        qconfig = bnb_config(cfg.dtype)
+    if target.source is None and qconfig.get("method") == "awq" and cfg.moe is not None:
+        raise QServeError(
+            f"--method awq does not support MoE models ({cfg.architecture}) yet: use --method rtn"
+        )
     ckpt = SourceCheckpoint(src_dir)
     units = plan(ckpt, target)
     if not any(u.kind != "copy" for u in units):
         raise QServeError(f"no decoder linear layers found in {src_dir}")
-    calib_text = _calibration_text(calib) if target.source is None and qconfig["method"] == "awq" else None
+    calib_text = (
+        _calibration_text(calib) if target.source is None and qconfig.get("method") == "awq" else None
+    )
     settings = {**qconfig, "source": str(src_dir)}
     report = Report(settings)
     with _staging(out_dir, force) as tmp:
@@ -106,6 +120,15 @@ def process_unit(
         except ValueError as e:
             raise QServeError(f"{unit.module}: {e}") from None
         entry: dict[str, Any] = {"imported_from": target.source.source}
+    elif target.weights == "nf4":
+        from qserve.converters.bnb import quantize_nf4
+
+        w = tensors["weight"]
+        outputs, stats = quantize_nf4(unit.module, w)
+        n, k = w.shape
+        nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
+        report.add(unit.module, {"shape": [n, k], "bytes": nbytes, "bf16_bytes": 2 * n * k, **stats})
+        return outputs
     else:
         w = tensors["weight"]  # the source dtype, or float32 after activation-aware scaling
         scale_dtype = next(o.dtype for o in unit.outputs if o.name.endswith(".scales"))
@@ -164,6 +187,14 @@ def _target(
         }
         return Target("int4", source.group_size, source), qconfig
     weights, method = weights or "int4", method or "rtn"
+    if weights == "nf4":
+        if group_size is not None or method not in ("rtn", None):
+            raise QServeError(
+                "--weights nf4 quantizes by bitsandbytes (blocks of 64): --group-size/--method do not apply"
+            )
+        from qserve.converters.bnb import BLOCKSIZE
+
+        return Target("nf4", BLOCKSIZE), {}  # the caller fills in transformers' BitsAndBytesConfig
     group = -1 if weights == "int8" else (group_size or 128)
     check_settings(weights, group)
     if method not in ("rtn", "awq"):

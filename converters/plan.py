@@ -16,11 +16,25 @@ from qserve.converters.stream import OutputTensor, SourceCheckpoint, TensorInfo
 from qserve.errors import QServeError, UnsupportedModelError
 from qserve.kernels.packing import QuantSpec
 
-# Decoder projections we quantize (Hugging Face names); embeddings, norms and lm_head stay in float.
-LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Decoder projections we quantize (Hugging Face names): attention, dense MLPs, MoE experts
+# (`mlp.experts.{e}.*_proj`; Mixtral's `block_sparse_moe.experts.{e}.w1|w2|w3`) and Qwen2-MoE's shared
+# expert. Embeddings, norms, lm_head and the MoE routers (`mlp.gate`, `shared_expert_gate`) stay in float.
+LINEAR_LEAVES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "w1",
+    "w2",
+    "w3",
+)
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _LINEAR_RE = re.compile(
-    r"^(?P<module>.*\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\.(?P<leaf>\w+))\.(?P<suffix>\w+)$"
+    r"^(?P<module>.*\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp|block_sparse_moe)\."
+    r"(?P<expert>experts\.\d+\.|shared_expert\.)?(?P<leaf>\w+))\.(?P<suffix>\w+)$"
 )
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 _SKIP = ("rotary_emb.inv_freq",)  # buffers some exporters save; recomputed at load
@@ -74,7 +88,8 @@ def plan(src: SourceCheckpoint, target: Target) -> list[Unit]:
         if name.endswith(_SKIP):
             continue
         m = _LINEAR_RE.match(name)
-        if m and m["leaf"] in LINEAR_LEAVES and m["suffix"] != "bias":
+        expert_only = m is not None and m["leaf"] in ("w1", "w2", "w3") and not m["expert"]
+        if m and m["leaf"] in LINEAR_LEAVES and m["suffix"] != "bias" and not expert_only:
             linears.setdefault(m["module"], {})[m["suffix"]] = info
             continue
         if info.dtype not in FLOAT_DTYPES:
@@ -119,10 +134,15 @@ def _linear_unit(module: str, parts: dict[str, TensorInfo], target: Target) -> U
     if len(w.shape) != 2:
         raise UnsupportedModelError(f"{w.name} is not a matrix: shape {w.shape}")
     n, k = w.shape
-    if target.weights == "int4" and k % target.group_size:
+    if target.weights == "int4" and k % target.group_size:  # (nf4 blocks run over the flattened weight)
         raise QServeError(f"group size {target.group_size} does not divide in_features {k} of {w.name}")
     dtype = FLOAT_DTYPES[w.dtype]
-    outs = quantized_outputs(module, n, k, target.weights, target.group_size, dtype)
+    if target.weights == "nf4":
+        from qserve.converters.bnb import nf4_outputs
+
+        outs = nf4_outputs(module, n, k, dtype)
+    else:
+        outs = quantized_outputs(module, n, k, target.weights, target.group_size, dtype)
     return Unit("quantize", module, {"weight": w.name}, outs, layer, leaf, size, {"shape": [n, k]})
 
 

@@ -7,13 +7,13 @@ import torch
 from qserve.errors import QServeError
 from qserve.kernels.packing import GROUP_SIZES, QuantizedWeight, quantize
 
-WEIGHT_CHOICES = ("int4", "int8")
+WEIGHT_CHOICES = ("int4", "int8", "nf4")  # nf4: through bitsandbytes (converters/bnb.py)
 
 
 def check_settings(weights: str, group_size: int) -> None:
     """Raise QServeError unless (weights, group_size) is a format qserve writes."""
     if weights not in WEIGHT_CHOICES:
-        raise QServeError(f"unknown --weights {weights!r}: use int4 or int8")
+        raise QServeError(f"unknown --weights {weights!r}: use int4, int8 or nf4")
     if weights == "int4" and group_size not in GROUP_SIZES:
         raise QServeError(f"unsupported --group-size {group_size}: use 32, 64 or 128")
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 FORMAT_VERSION = 1
 WEIGHT_KINDS = ("int4", "int8")
+BNB_4BIT = ("nf4", "fp4")  # bitsandbytes' 4-bit codebooks (weights of a "bnb" QuantSpec, besides int8)
 GROUP_SIZES = (32, 64, 128)  # what `qserve convert` offers; imports also accept 256 (torch's CPU kernel does)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of an int32 holds output column AWQ_ORDER[i]
 
@@ -247,6 +248,19 @@ def repack_gptq(t: dict[str, Tensor], group_size: int, zero_offset: int = 1) -> 
     return QuantizedWeight(pack_int4(q), scales.t().contiguous(), z, "int4", group_size, k, n)
 
 
+def repack_bnb_int8(t: dict[str, Tensor]) -> QuantizedWeight:
+    """bitsandbytes LLM.int8 tensors (weight int8 (N, K), SCB float32 (N,): W = q * SCB / 127) -> ours.
+
+    Our int8 layout is the same codes with ``scales = SCB / 127`` (float32); the dequantized weight differs from
+    bitsandbytes' ``q * SCB * (1/127)`` by at most one float32 rounding. 4-bit (nf4 / fp4) weights have no
+    int4 equivalent (a 16-entry non-uniform codebook): :class:`qserve.layers.bnb_linear.Bnb4bitLinear` keeps them.
+    """
+    w, scb = t.get("weight"), t.get("SCB")
+    if w is None or scb is None or w.dtype != torch.int8 or w.dim() != 2 or scb.shape != (w.shape[0],):
+        raise ValueError(f"not a bitsandbytes LLM.int8 layout (int8 weight (N, K) + SCB (N,)): {_desc(t)}")
+    return QuantizedWeight(w, scb.float() / 127.0, None, "int8", -1, w.shape[1], w.shape[0])
+
+
 def gptq_pack(q: Tensor, zeros: Tensor, zero_offset: int = 1) -> tuple[Tensor, Tensor]:
     """Codes (K, N) and zero points (K/G, N) -> GPTQ qweight (K/8, N), qzeros (K/G, N/8). For fixtures."""
     return _pack_int32(q, dim=0), _pack_int32((zeros.to(torch.int64) - zero_offset) & 0xF, dim=1)
@@ -259,8 +273,8 @@ def gptq_pack(q: Tensor, zeros: Tensor, zero_offset: int = 1) -> tuple[Tensor, T
 class QuantSpec:
     """A checkpoint's quantization_config, parsed: what the loader and QuantLinear need to know."""
 
-    source: str  # "qserve" | "awq" | "gptq": the on-disk layout of the linear tensors
-    weights: str  # "int4" | "int8"
+    source: str  # "qserve" | "awq" | "gptq" | "bnb": the on-disk layout of the linear tensors
+    weights: str  # "int4" | "int8" | "nf4" | "fp4" (the last two: bitsandbytes 4-bit only)
     group_size: int  # -1 for int8 (per output channel)
     sym: bool = False  # symmetric codes (int8; GPTQ sym); informational for int4
     method: str = "rtn"  # how it was made: rtn | awq | gptq
@@ -314,7 +328,26 @@ class QuantSpec:
             if fmt not in ("gptq", "gptq_v2"):
                 raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)")
             return cls("gptq", "int4", group, bool(d.get("sym", True)), "gptq", int(fmt == "gptq"), dict(d))
-        raise ValueError(f"unsupported quantization method {kind or d!r}: qserve reads qserve, awq and gptq")
+        if kind == "bitsandbytes":
+            return cls._parse_bnb(d)
+        raise ValueError(
+            f"unsupported quantization method {kind or d!r}: qserve reads qserve, awq, gptq and bitsandbytes"
+        )
+
+    @classmethod
+    def _parse_bnb(cls, d: dict[str, Any]) -> QuantSpec:
+        """transformers' BitsAndBytesConfig: load_in_4bit (nf4 / fp4, double quant or not) or load_in_8bit."""
+        if d.get("load_in_4bit"):
+            qtype = str(d.get("bnb_4bit_quant_type", "fp4")).lower()
+            if qtype not in BNB_4BIT:
+                raise ValueError(f"bitsandbytes 4-bit quant type {qtype!r} is not supported (nf4 or fp4)")
+            storage = str(d.get("bnb_4bit_quant_storage", "uint8")).lower()
+            if storage != "uint8":
+                raise ValueError(f"bitsandbytes bnb_4bit_quant_storage {storage!r} is not supported (uint8)")
+            return cls("bnb", qtype, -1, False, "bnb", 0, dict(d))
+        if d.get("load_in_8bit"):
+            return cls("bnb", "int8", -1, True, "bnb", 0, dict(d))
+        raise ValueError("bitsandbytes quantization_config sets neither load_in_4bit nor load_in_8bit")
 
     def to_qserve(self, tensors: dict[str, Tensor]) -> QuantizedWeight:
         """One (unfused) projection's checkpoint tensors, in this spec's source layout -> ours."""
@@ -322,4 +355,6 @@ class QuantSpec:
             return repack_awq(tensors, self.group_size)
         if self.source == "gptq":
             return repack_gptq(tensors, self.group_size, self.zero_offset)
+        if self.source == "bnb":
+            return repack_bnb_int8(tensors)
         return QuantizedWeight.from_tensors(tensors, self.weights, self.group_size)

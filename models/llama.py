@@ -1,4 +1,5 @@
-"""The Llama family: Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm) share one decoder.
+"""The Llama family: Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm) share one decoder; so do
+their MoE siblings Mixtral, Qwen2-MoE and Qwen3-MoE, whose sparse layers' MLP is `models/moe.py`'s block.
 
 Parameter names follow Hugging Face's, except that q/k/v and gate/up projections are fused
 (``qkv_proj``, ``gate_up_proj``) so a step runs two matmuls fewer per layer; `FUSED_PROJECTIONS`
@@ -18,6 +19,7 @@ from qserve.layers.attention import Attention, AttentionMetadata
 from qserve.layers.linear import make_linear
 from qserve.layers.norm import RMSNorm
 from qserve.layers.rotary import RopeTables, RotaryEmbedding
+from qserve.models.moe import SparseMoeBlock
 
 if TYPE_CHECKING:
     from qserve.kernels.packing import QuantSpec
@@ -46,9 +48,7 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         out = cfg.q_size + 2 * cfg.kv_size
         self.qkv_proj = make_linear(cfg.hidden_size, out, cfg.attention_bias, quant, dtype, device)
-        # Qwen2 biases q/k/v only; Llama (attention_bias) and Qwen3 bias o_proj alike.
-        o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
-        self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, o_bias, quant, dtype, device)
+        self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, cfg.o_proj_bias, quant, dtype, device)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.rotary = rotary
@@ -72,9 +72,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantSpec | None, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        quant: QuantSpec | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        intermediate_size: int | None = None,  # Qwen2-MoE's shared expert has its own
+    ):
         super().__init__()
-        self.inter = cfg.intermediate_size
+        self.inter = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = make_linear(cfg.hidden_size, 2 * self.inter, cfg.mlp_bias, quant, dtype, device)
         self.down_proj = make_linear(self.inter, cfg.hidden_size, cfg.mlp_bias, quant, dtype, device)
 
@@ -91,12 +98,17 @@ class LlamaDecoderLayer(nn.Module):
         quant: QuantSpec | None,
         dtype: torch.dtype,
         device: torch.device,
+        layer: int = 0,
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = LlamaAttention(cfg, rotary, quant, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(cfg, quant, dtype, device)
+        self.mlp: nn.Module
+        if cfg.moe is not None and layer in cfg.moe.sparse_layers:
+            self.mlp = SparseMoeBlock(cfg, cfg.moe, quant, dtype, device, LlamaMLP)
+        else:
+            self.mlp = LlamaMLP(cfg, quant, dtype, device)
 
     def forward(
         self, rope: RopeTables, h: torch.Tensor, meta: AttentionMetadata, kv_cache: torch.Tensor
@@ -113,7 +125,7 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope, device)
         self.rotary = rotary
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary, quant, dtype, device) for _ in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, rotary, quant, dtype, device, i) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
 

@@ -22,7 +22,11 @@ def convert_command(
     ],
     out: Annotated[Path, typer.Argument(help="Output directory (must not exist unless --force).")],
     weights: Annotated[
-        str | None, typer.Option(help="int4 (group-wise, zero points) or int8 (per channel). Default: int4.")
+        str | None,
+        typer.Option(
+            help="int4 (group-wise, zero points), int8 (per channel) or nf4 (bitsandbytes, written as "
+            "transformers saves BitsAndBytesConfig(load_in_4bit)). Default: int4."
+        ),
     ] = None,
     group_size: Annotated[
         int | None, typer.Option("--group-size", help="int4 group size: 32, 64 or 128. Default: 128.")
@@ -48,8 +52,12 @@ def convert_command(
         raise typer.Exit(2) from None
     summary = json.loads((out_dir / REPORT_NAME).read_text())["summary"]
     settings = json.loads((out_dir / "config.json").read_text())["quantization_config"]
-    what = settings["weights"] + (f" g{settings['group_size']}" if settings["weights"] == "int4" else "")
-    line = f"wrote {out_dir} ({what}, {settings['method']}): {summary['linear_layers']} linear layers"
+    if settings["quant_method"] == "bitsandbytes":  # --weights nf4 writes transformers' BitsAndBytesConfig
+        what, how = settings["bnb_4bit_quant_type"], "bitsandbytes"
+    else:
+        what = settings["weights"] + (f" g{settings['group_size']}" if settings["weights"] == "int4" else "")
+        how = settings["method"]
+    line = f"wrote {out_dir} ({what}, {how}): {summary['linear_layers']} linear layers"
     if summary.get("size_vs_bf16"):
         line += f", {summary['size_vs_bf16']:.3f}x their bf16 bytes"
     if "mean_rel_error" in summary:

@@ -21,7 +21,12 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
+# Of those, the ones whose attention biases q/k/v but not o_proj.
+_QKV_BIAS_ONLY = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
 
 _DTYPES = {
     "float32": "float32",
@@ -77,6 +82,68 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Sparse mixture-of-experts MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE), normalised from their configs.
+
+    Routing, for every token: ``p = softmax(router_logits in float32)``, the ``top_k`` largest ``p``,
+    divided by their sum when ``norm_topk_prob`` (always for Mixtral); Qwen casts those weights to the model
+    dtype before scaling the expert outputs (``weights_in_float32`` False), Mixtral keeps them float32.
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one expert (Mixtral: intermediate_size; Qwen: moe_intermediate_size)
+    norm_topk_prob: bool
+    weights_in_float32: bool
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token takes, sigmoid-gated
+    sparse_layers: tuple[int, ...] = ()  # decoder layers whose MLP is the MoE block; the rest are dense
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise QServeError(
+                f"num_experts_per_tok {self.top_k} must be in [1, num_experts {self.num_experts}]"
+            )
+
+
+def _num_experts(text: dict[str, Any], default: int) -> int:
+    # Hub configs say num_experts (Qwen) or num_local_experts (Mixtral); transformers v5 writes the latter
+    # for Qwen3-MoE too.
+    return int(text.get("num_experts", text.get("num_local_experts", default)) or 0)
+
+
+def _parse_moe(arch: str, text: dict[str, Any]) -> MoEConfig | None:
+    if arch == "MixtralForCausalLM":
+        layers = int(text["num_hidden_layers"])
+        return MoEConfig(
+            num_experts=_num_experts(text, 8),
+            top_k=int(text.get("num_experts_per_tok", 2)),
+            intermediate_size=int(text["intermediate_size"]),
+            norm_topk_prob=True,
+            weights_in_float32=True,
+            sparse_layers=tuple(range(layers)),
+        )
+    if arch not in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        return None
+    layers, experts = int(text["num_hidden_layers"]), _num_experts(text, 0)
+    step = int(text.get("decoder_sparse_step", 1) or 1)
+    dense_only = set(text.get("mlp_only_layers") or [])
+    # transformers: layer i is sparse iff i not in mlp_only_layers and num_experts > 0 and (i + 1) % step == 0
+    sparse = tuple(i for i in range(layers) if i not in dense_only and experts > 0 and (i + 1) % step == 0)
+    if not sparse:
+        return None
+    shared = int(text.get("shared_expert_intermediate_size", 0) or 0) if arch == "Qwen2MoeForCausalLM" else 0
+    return MoEConfig(
+        num_experts=experts,
+        top_k=int(text.get("num_experts_per_tok", 1)),
+        intermediate_size=int(text["moe_intermediate_size"]),
+        norm_topk_prob=bool(text.get("norm_topk_prob", False)),
+        weights_in_float32=False,
+        shared_expert_intermediate_size=shared,
+        sparse_layers=sparse,
+    )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """What the runtime needs to know about a decoder-only checkpoint."""
 
@@ -101,6 +168,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     quantization: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    moe: MoEConfig | None = None  # sparse MoE MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE); None: dense
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Qwen2 (and Qwen2-MoE) bias q/k/v only; Llama (attention_bias) and Qwen3 bias o_proj alike."""
+        return self.attention_bias and self.architecture not in _QKV_BIAS_ONLY
 
     @property
     def q_size(self) -> int:
@@ -161,15 +234,20 @@ class ModelConfig:
             rope=_parse_rope(text),
             max_position_embeddings=int(text.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-            attention_bias=bool(text.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            attention_bias=bool(
+                text.get("qkv_bias", True)
+                if arch == "Qwen2MoeForCausalLM"
+                else text.get("attention_bias", arch == "Qwen2ForCausalLM")
+            ),
             mlp_bias=bool(text.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             sliding_window=int(sliding) if sliding else None,
             dtype=dtype,
             hidden_act=act,
             eos_token_ids=eos_ids,
             bos_token_id=text.get("bos_token_id"),
             quantization=raw.get("quantization_config"),
+            moe=_parse_moe(arch, text),
         )
 
 

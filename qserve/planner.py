@@ -140,11 +140,12 @@ def plan(
     concurrent = max_concurrent_sequences(capacity, ctx, block_size)
     n_seqs = recommend_max_num_seqs(concurrent, max_num_seqs)
 
-    def estimate(w_bytes: int, bpt: int, fit: int) -> DecodeEstimate | None:
+    def estimate(w: str, w_bytes: int, bpt: int, fit: int) -> DecodeEstimate | None:
         batch = min(seqs_cap, fit)
         if g is None or batch < 1:
             return None
-        return decode_estimate(g, src, w_bytes, bpt, batch, ctx, price_per_hour)
+        experts = src.inventory.expert_nbytes(w)
+        return decode_estimate(g, src, w_bytes, bpt, batch, ctx, price_per_hour, experts)
 
     rows = []
     for w in ("bf16", "int8", "int4"):
@@ -152,7 +153,7 @@ def plan(
             cwb, _, _, cspec, cpool = size(w, kv)
             cap = plan_kv_blocks(cspec, cpool) * block_size
             fit = max_concurrent_sequences(cap, ctx, block_size)
-            est = estimate(cwb, cspec.bytes_per_token, fit)
+            est = estimate(w, cwb, cspec.bytes_per_token, fit)
             tps = est.tokens_per_second if est else None
             rows.append(Comparison(w, kv, cwb, cspec.bytes_per_token, cap, fit, tps))
     return MemoryPlan(
@@ -167,6 +168,8 @@ def plan(
         requested_max_num_seqs=max_num_seqs,
         price_per_hour=price_per_hour,
         weights_bytes=wb,
+        expert_weights_bytes=src.inventory.expert_nbytes(weights),
+        active_expert_weights_bytes=src.inventory.active_expert_nbytes(weights),
         activation_bytes=act,
         reserve_bytes=res,
         kv_cache_bytes=pool,
@@ -177,7 +180,7 @@ def plan(
         max_concurrent_sequences=concurrent,
         max_num_seqs=n_seqs,
         max_num_batched_tokens=tokens,
-        decode=estimate(wb, spec.bytes_per_token, concurrent),
+        decode=estimate(weights, wb, spec.bytes_per_token, concurrent),
         comparison=rows,
     )
 

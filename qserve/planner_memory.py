@@ -6,7 +6,9 @@ Budget, in order: ``memory = reserve + weights + activations + KV pool``, where
 * weights: exact safetensors header bytes for a local checkpoint (a qserve-converted one counts its
   packed bytes), else from the config: float = 2 B/param (fp32: 4); int8 = 1 B/weight + one 16-bit scale per
   output channel; int4 = 0.5 B/weight + per group of 128 inputs a 16-bit scale and a uint8 zero point
-  (docs/FORMAT.md). Embeddings, lm_head, norms and biases stay 16-bit float.
+  (docs/FORMAT.md). Embeddings, lm_head, norms, biases and MoE routers stay 16-bit float. An MoE's routed
+  experts are all resident (``expert_weights_bytes``); a token reads top_k of E of them per sparse layer
+  (``active_expert_weights_bytes``), and the decode roofline reads the share a batch is expected to hit.
 * activations (an estimate of one step's transient peak):
   ``T * (2 * hidden + 3 * intermediate) * act_bytes + min(S, T) * vocab * 4 * 2`` for a step of T =
   max_num_batched_tokens tokens (residual + normed input, gate/up output and SiLU product) and fp32
@@ -116,15 +118,30 @@ class DecodeEstimate:
 
 
 def dense_weights(src: ModelSource) -> int:
-    """Weights one token multiplies through: every projection and the lm_head (2 FLOPs each)."""
-    return sum(n * k for n, k in src.inventory.linears) + src.config.vocab_size * src.config.hidden_size
+    """Weights one token multiplies through: every projection (of an MoE, top_k of the routed experts)
+    and the lm_head (2 FLOPs each)."""
+    inv = src.inventory
+    experts = sum(n * k for n, k in inv.expert_linears)
+    active = sum(n * k for n, k in inv.linears) - experts + experts * inv.active_fraction
+    return int(active) + src.config.vocab_size * src.config.hidden_size
+
+
+def experts_hit_fraction(active_fraction: float, batch: int) -> float:
+    """Expected share of an MoE layer's experts a decode step of ``batch`` tokens reads, each token picking
+    top_k of E (``active_fraction`` = top_k / E) independently and uniformly: ``1 - (1 - k/E)^batch``."""
+    return 1.0 - (1.0 - active_fraction) ** max(batch, 0)
 
 
 def decode_estimate(
     gpu: GPUPreset, src: ModelSource, weights_bytes: int, kv_bytes_per_token: int, batch: int,
-    context: int, price_per_hour: float | None = None,
+    context: int, price_per_hour: float | None = None, expert_bytes: int = 0,
 ) -> DecodeEstimate:  # fmt: skip
+    """``expert_bytes``: the routed experts' part of ``weights_bytes`` (MoE); a step reads only the share of
+    them its ``batch`` tokens are expected to hit (:func:`experts_hit_fraction`)."""
     cfg = src.config
+    if expert_bytes:
+        unread = 1 - experts_hit_fraction(src.inventory.active_fraction, batch)
+        weights_bytes = int(weights_bytes - expert_bytes * unread)
     moved = weights_bytes + batch * context * kv_bytes_per_token
     flops = batch * (2 * dense_weights(src) + 4 * cfg.num_layers * cfg.q_size * context)
     t_mem, t_flop = moved / gpu.bandwidth, flops / gpu.flops
@@ -162,6 +179,8 @@ class MemoryPlan:
     requested_max_num_seqs: int | None
     price_per_hour: float | None
     weights_bytes: int
+    expert_weights_bytes: int  # MoE: all routed experts, resident (part of weights_bytes); 0 when dense
+    active_expert_weights_bytes: int  # MoE: the routed-expert bytes one token reads (top_k of E per layer)
     activation_bytes: int
     reserve_bytes: int
     kv_cache_bytes: int  # the KV pool: what `serve` passes the engine as kv_cache_memory

@@ -21,6 +21,14 @@ def print_plan(p: MemoryPlan) -> None:
         ("memory", _gib(p.memory_bytes), p.gpu or "--memory"),
         ("runtime reserve", _gib(p.reserve_bytes), "CUDA ctx + 10% headroom" if p.gpu else "none"),
         (f"weights ({p.weights})", _gib(p.weights_bytes), "incl. scales, zeros"),
+        *(
+            [
+                ("  routed experts (all)", _gib(p.expert_weights_bytes), "resident"),
+                ("  experts read per token", _gib(p.active_expert_weights_bytes), "top-k of E per layer"),
+            ]
+            if p.expert_weights_bytes
+            else []
+        ),
         ("activation peak", _gib(p.activation_bytes), f"estimate, {p.max_num_batched_tokens} tok/step"),
         ("KV cache pool", _gib(p.kv_cache_bytes), f"{p.kv_num_blocks:,} blocks"),
         (f"KV per token ({p.kv_cache_dtype})", f"{p.kv_bytes_per_token:,} B", f"{p.block_size} tokens/block"),

@@ -22,8 +22,23 @@ from qserve.config import ModelConfig, resolve_model_path
 from qserve.errors import QServeError
 
 GROUP_SIZE = 128  # int4 group size assumed for what-if plans (qserve convert's default)
-LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_LINEAR_RE = re.compile(r"\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.(\w+)$")
+LINEAR_LEAVES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "w1",
+    "w2",
+    "w3",
+)
+# attention, dense MLP, MoE experts (Qwen: mlp.experts.{e}; Mixtral: block_sparse_moe.experts.{e}) and the
+# shared expert; group 1 says whether the projection is a routed expert's
+_LINEAR_RE = re.compile(
+    r"\.layers\.\d+\.(?:self_attn|mlp|block_sparse_moe)\.(experts\.\d+\.|shared_expert\.)?(\w+)\.(\w+)$"
+)
 if TYPE_CHECKING:
     from qserve.kernels.packing import QuantSpec
 
@@ -32,6 +47,8 @@ FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp32": 4, "fp16": 2, 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", "rope_theta": 500000.0}
 _QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "torch_dtype": "bfloat16", "rope_theta": 1000000.0}
 _QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "torch_dtype": "bfloat16", "rope_theta": 1000000.0}
+_MIXTRAL = {"architectures": ["MixtralForCausalLM"], "torch_dtype": "bfloat16", "rope_theta": 1000000.0}
+_QWEN3_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "torch_dtype": "bfloat16", "rope_theta": 1000000.0}
 
 
 def _cfg(base: dict[str, Any], h: int, i: int, layers: int, heads: int, kv: int, d: int, vocab: int,
@@ -67,8 +84,24 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "Qwen/Qwen2.5-72B": _cfg(_QWEN2, 8192, 29568, 80, 64, 8, 128, 152064, False, 131072),
     "Qwen/Qwen3-8B": _cfg(_QWEN3, 4096, 12288, 36, 32, 8, 128, 151936, False, 40960),
     "Qwen/Qwen3-32B": _cfg(_QWEN3, 5120, 25600, 64, 64, 8, 128, 151936, False, 40960),
+    # MoE: 8 experts of 14336, top-2 (46.7B total, 12.9B active)
+    "mistralai/Mixtral-8x7B-v0.1": {
+        **_cfg(_MIXTRAL, 4096, 14336, 32, 32, 8, 128, 32000, False, 32768),
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+    # MoE: 128 experts of 768, top-8, renormalised (30.5B total, 3.3B active)
+    "Qwen/Qwen3-30B-A3B": {
+        **_cfg(_QWEN3_MOE, 2048, 6144, 48, 32, 4, 128, 151936, False, 40960),
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
 }
-_MODEL_ALIASES = {"mistral-7b": "mistral-7b-v0.3"}
+_MODEL_ALIASES = {"mistral-7b": "mistral-7b-v0.3", "mixtral-8x7b": "mixtral-8x7b-v0.1"}
 
 
 @dataclass(frozen=True)
@@ -149,31 +182,71 @@ def linear_bytes(n: int, k: int, weights: str, group_size: int = GROUP_SIZE, sca
 class WeightInventory:
     """What weight bytes depend on: the projections' shapes, the float rest, and the bytes as stored."""
 
-    linears: tuple[tuple[int, int], ...]  # (out, in) of every quantizable projection
-    float_elems: int  # embeddings, lm_head, norms, biases: always float
+    linears: tuple[tuple[int, int], ...]  # (out, in) of every quantizable projection, routed experts included
+    float_elems: int  # embeddings, lm_head, norms, biases, MoE routers: always float
     stored: str  # how the checkpoint holds its projections: float32 | float16 | bfloat16 | int8 | int4
     stored_bytes: int  # exact bytes the engine holds for weights="auto"
+    # MoE: the routed experts' projections (a subset of `linears`), and the share a token multiplies through
+    expert_linears: tuple[tuple[int, int], ...] = ()
+    active_fraction: float = 1.0  # top_k / num_experts
+    stored_expert_bytes: int = 0  # exact stored bytes of the routed experts (weights="auto")
 
     def nbytes(self, weights: str) -> int:
         if weights == "auto":
             return self.stored_bytes
         return sum(linear_bytes(n, k, weights) for n, k in self.linears) + 2 * self.float_elems
 
+    def expert_nbytes(self, weights: str) -> int:
+        """Bytes of all routed experts as ``weights`` (0 for a dense model): resident, every one of them."""
+        if weights == "auto":
+            return self.stored_expert_bytes
+        return sum(linear_bytes(n, k, weights) for n, k in self.expert_linears)
+
+    def active_expert_nbytes(self, weights: str) -> int:
+        """Routed-expert bytes one token reads: top_k of num_experts in every sparse layer."""
+        return int(self.expert_nbytes(weights) * self.active_fraction)
+
     @property
     def num_params(self) -> int:
         return sum(n * k for n, k in self.linears) + self.float_elems
 
+    @property
+    def active_params(self) -> int:
+        """Parameters one token multiplies through (= num_params for a dense model)."""
+        experts = sum(n * k for n, k in self.expert_linears)
+        return self.num_params - experts + int(experts * self.active_fraction)
+
 
 def inventory_from_config(cfg: ModelConfig) -> WeightInventory:
-    """Parameter shapes of a Llama-family decoder, from its config alone."""
+    """Parameter shapes of a Llama-family decoder (dense or MoE), from its config alone."""
     h, i, q, kv, d = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size, cfg.head_dim
-    per_layer = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+    attn = [(q, h), (kv, h), (kv, h), (h, q)]
     extra = 2 * h + (2 * d if cfg.qk_norm else 0) + ((q + 2 * kv) if cfg.attention_bias else 0)
     extra += (2 * i + h) if cfg.mlp_bias else 0
     float_elems = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2) + h + cfg.num_layers * extra
-    linears = tuple(per_layer * cfg.num_layers)
+    linears: list[tuple[int, int]] = []
+    experts: list[tuple[int, int]] = []
+    moe = cfg.moe
+    for layer in range(cfg.num_layers):
+        linears += attn
+        if moe is None or layer not in moe.sparse_layers:
+            linears += [(i, h), (i, h), (h, i)]
+            continue
+        e_i = moe.intermediate_size
+        experts += [(e_i, h), (e_i, h), (h, e_i)] * moe.num_experts
+        float_elems += moe.num_experts * h  # the router
+        if moe.shared_expert_intermediate_size:
+            s_i = moe.shared_expert_intermediate_size
+            linears += [(s_i, h), (s_i, h), (h, s_i)]
+            float_elems += h  # shared_expert_gate
+    linears += experts
     params = sum(n * k for n, k in linears) + float_elems
-    return WeightInventory(linears, float_elems, cfg.dtype, params * FLOAT_BYTES[cfg.dtype])
+    fb = FLOAT_BYTES[cfg.dtype]
+    active = moe.top_k / moe.num_experts if moe else 1.0
+    expert_bytes = sum(n * k for n, k in experts) * fb
+    return WeightInventory(
+        tuple(linears), float_elems, cfg.dtype, params * fb, tuple(experts), active, expert_bytes
+    )
 
 
 def read_safetensors_header(file: Path) -> dict[str, Any]:
@@ -205,23 +278,37 @@ def inventory_from_dir(path: Path, cfg: ModelConfig) -> WeightInventory:
     except ValueError as e:
         raise QServeError(str(e)) from None
     linears: list[tuple[int, int]] = []
-    float_elems = float_bytes = stored_bytes = 0
+    experts: list[tuple[int, int]] = []
+    float_elems = float_bytes = stored_bytes = expert_bytes = 0
     for file in checkpoint_files(path):
         for name, t in read_safetensors_header(file).items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             shape, nbytes = t["shape"], t["data_offsets"][1] - t["data_offsets"][0]
             m = _LINEAR_RE.search(name)
-            leaf, suffix = (m.group(1), m.group(2)) if m else ("", "")
+            kind, leaf, suffix = (m.group(1) or "", m.group(2), m.group(3)) if m else ("", "", "")
+            routed = kind.startswith("experts.")
             if leaf in LINEAR_LEAVES and suffix in ("weight", "qweight"):
                 linears.append(_linear_shape(shape, suffix, quant))
+                if routed:
+                    experts.append(linears[-1])
             elif not (leaf in LINEAR_LEAVES and suffix in ("scales", "qzeros", "g_idx")):
                 float_elems += math.prod(shape)
                 float_bytes += nbytes
             stored_bytes += nbytes
-    if quant and quant.source != "qserve":  # AutoAWQ / GPTQ: re-packed into qserve's layout at load
+            expert_bytes += nbytes if routed and leaf in LINEAR_LEAVES else 0
+    if quant and quant.source == "bnb":  # packed (N K / 2, 1) codes: shapes from the config, bytes as stored
+        shapes = inventory_from_config(cfg)
+        linears, experts, float_elems = list(shapes.linears), list(shapes.expert_linears), shapes.float_elems
+    elif quant and quant.source != "qserve":  # AutoAWQ / GPTQ: re-packed into qserve's layout at load
         stored_bytes = float_bytes + sum(linear_bytes(n, k, "int4", quant.group_size) for n, k in linears)
-    return WeightInventory(tuple(linears), float_elems, quant.weights if quant else cfg.dtype, stored_bytes)
+        expert_bytes = sum(linear_bytes(n, k, "int4", quant.group_size) for n, k in experts)
+    moe = cfg.moe
+    active = moe.top_k / moe.num_experts if moe else 1.0
+    stored = quant.weights if quant else cfg.dtype
+    return WeightInventory(
+        tuple(linears), float_elems, stored, stored_bytes, tuple(experts), active, expert_bytes
+    )
 
 
 def _linear_shape(shape: list[int], suffix: str, quant: QuantSpec | None) -> tuple[int, int]:

@@ -155,7 +155,8 @@ def test_preset_names() -> None:
 
 JSON_KEYS = {
     "model", "source", "gpu", "memory_bytes", "weights", "kv_cache_dtype", "context", "block_size",
-    "requested_max_num_seqs", "price_per_hour", "weights_bytes", "activation_bytes", "reserve_bytes",
+    "requested_max_num_seqs", "price_per_hour", "weights_bytes", "expert_weights_bytes",
+    "active_expert_weights_bytes", "activation_bytes", "reserve_bytes",
     "kv_cache_bytes", "kv_bytes_per_token", "kv_bytes_per_block", "kv_num_blocks", "kv_capacity_tokens",
     "max_concurrent_sequences", "max_num_seqs", "max_num_batched_tokens", "decode", "comparison",
 }  # fmt: skip

@@ -42,7 +42,32 @@ ARCH_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3": dict(
         architectures=["Qwen3ForCausalLM"], head_dim=32, rope_scaling=dict(rope_type="linear", factor=2.0)
     ),
+    # MoE: every layer sparse, 4 experts, top-2, always renormalised
+    "mixtral": dict(architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=2),
+    # shared expert + sigmoid gate, no renormalisation, layer 1 dense (mlp_only_layers), q/k/v bias
+    "qwen2_moe": dict(
+        architectures=["Qwen2MoeForCausalLM"],
+        num_hidden_layers=3,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+    ),
+    # norm_topk_prob, top-3, decoder_sparse_step 2 (layers 1 and 3 sparse), q/k norm
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        num_hidden_layers=4,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=32,
+        decoder_sparse_step=2,
+        norm_topk_prob=True,
+    ),
 }
+MODEL_TYPES = {a: a for a in ARCH_CONFIGS}  # our short names are transformers' model_type
 
 
 def write_byte_tokenizer(out: Path) -> None:
@@ -89,11 +114,11 @@ def make_tiny_model(
     shards: int = 1,
     **overrides: Any,
 ) -> Path:
-    """Write a random tiny model of ``arch`` (llama | mistral | qwen2 | qwen3) as a Hugging Face directory."""
+    """Write a random tiny model of ``arch`` (a key of ARCH_CONFIGS) as a Hugging Face directory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = {**BASE, **ARCH_CONFIGS[arch], **overrides}
-    model_type = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}[arch]
+    model_type = MODEL_TYPES[arch]
     config = AutoConfig.for_model(model_type, **raw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

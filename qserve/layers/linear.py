@@ -88,9 +88,13 @@ def make_linear(
     dtype: torch.dtype,
     device: torch.device,
 ) -> nn.Module:
-    """A float Linear, or a QuantLinear when the checkpoint is quantized."""
+    """A float Linear, a Bnb4bitLinear (bitsandbytes nf4 / fp4), or a QuantLinear when the checkpoint is quantized."""
     if quant is None:
         return Linear(in_features, out_features, bias, dtype, device)
+    if quant.weights in ("nf4", "fp4"):
+        from qserve.layers.bnb_linear import Bnb4bitLinear
+
+        return Bnb4bitLinear(in_features, out_features, bias, quant, dtype, device)
     from qserve.layers.quant_linear import QuantLinear
 
     return QuantLinear(in_features, out_features, bias, quant, dtype, device)

@@ -27,6 +27,31 @@ _CPU_INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 ==
 _INNER_K_TILES = 2
 
 
+def cpu_int4_ok(group_size: int) -> bool:
+    """Whether torch's CPU int4 kernel takes this group size."""
+    return group_size in _CPU_INT4_GROUPS
+
+
+def pack_cpu_int4(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """qserve int4 -> torch's CPU int4 form: (packed codes (N', K/2), scales_and_zeros bf16 (K/G, N', 2)).
+
+    N' is N padded to a multiple of 16 with rows of code 8 and scale 0 (they compute zeros; slice them off).
+    """
+    assert qw.zeros is not None
+    pad = -qw.out_features % _CPU_INT4_N_MULTIPLE
+    codes = unpack_int4(qw.qweight).to(torch.int32)  # (N, K)
+    scales, zeros = qw.scales.float(), qw.zeros.float()  # (N, K/G)
+    if pad:  # extra rows of code 8, scale 0: they compute zeros and are sliced off
+        codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
+        scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
+        zeros = torch.cat([zeros, zeros.new_full((pad, zeros.shape[1]), 8.0)])
+    # (q - z) * s == (q - 8) * s + (8 - z) * s: torch's kernel wants the second form.
+    sz = torch.stack([scales, (8.0 - zeros) * scales], dim=-1)  # (N', K/G, 2)
+    scales_and_zeros = sz.transpose(0, 1).to(_CPU_DTYPE).contiguous()  # (K/G, N', 2), a new tensor
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES)  # (N', K/2)
+    return packed, scales_and_zeros
+
+
 class QuantLinear(nn.Module):
     """Weight-only quantized linear layer; interface of :class:`qserve.layers.linear.Linear`.
 
@@ -96,7 +121,7 @@ class QuantLinear(nn.Module):
         self.set_weight(qw)
 
     def _to_qserve(self, shard: dict[str, torch.Tensor]) -> QuantizedWeight:
-        if "qweight" not in shard and "weight" in shard:
+        if "qweight" not in shard and "weight" in shard and shard["weight"].is_floating_point():
             w = shard["weight"]
             return quantize(w, self.spec.weights, self.spec.group_size, scale_dtype=w.dtype)
         return self.spec.to_qserve(shard)
@@ -127,19 +152,8 @@ class QuantLinear(nn.Module):
             self.qweight, self.scales, self.qzeros = self._qw.qweight, self._qw.scales, self._qw.zeros
 
     def _pack_cpu_int4(self, qw: QuantizedWeight) -> None:
-        assert qw.zeros is not None
-        n, pad = qw.out_features, -qw.out_features % _CPU_INT4_N_MULTIPLE
-        codes = unpack_int4(qw.qweight).to(torch.int32)  # (N, K)
-        scales, zeros = qw.scales.float(), qw.zeros.float()  # (N, K/G)
-        if pad:  # extra rows of code 8, scale 0: they compute zeros and are sliced off
-            codes = torch.cat([codes, codes.new_full((pad, codes.shape[1]), 8)])
-            scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
-            zeros = torch.cat([zeros, zeros.new_full((pad, zeros.shape[1]), 8.0)])
-        # (q - z) * s == (q - 8) * s + (8 - z) * s: torch's kernel wants the second form.
-        sz = torch.stack([scales, (8.0 - zeros) * scales], dim=-1)  # (N', K/G, 2)
-        self.scales_and_zeros = sz.transpose(0, 1).to(_CPU_DTYPE).contiguous()  # (K/G, N', 2), a new tensor
-        self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, _INNER_K_TILES)  # (N', K/2)
-        self._n_padded = n + pad
+        self.qweight, self.scales_and_zeros = pack_cpu_int4(qw)
+        self._n_padded = self.qweight.shape[0]
 
     # --------------------------------------------------------------------------------------- forward
 

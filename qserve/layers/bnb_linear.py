@@ -1,0 +1,127 @@
+"""Bnb4bitLinear: linear layers of bitsandbytes nf4 / fp4 checkpoints, computed by bitsandbytes itself.
+
+A 4-bit bitsandbytes weight is a 16-entry codebook index per element (nf4: normal-float quantiles; fp4: a
+tiny float format) with one float32 absmax per block of 64 elements (double quantization: those absmax
+themselves 8-bit quantized in blocks of 256 with a float32 absmax each). No affine int4 layout represents it
+exactly, so this layer keeps the checkpoint's packed weight and ``QuantState`` in bitsandbytes' own
+``Linear4bit`` (what transformers runs them with): its CPU kernel (a bf16 AVX512 GEMM where the CPU has it,
+else dequantize + matmul) or its CUDA kernels. Fused projections (q/k/v, gate/up) keep one Linear4bit per
+part and concatenate the outputs.
+
+Checkpoint tensors of one projection ``P`` (as transformers saves a ``BitsAndBytesConfig(load_in_4bit)``
+model): ``P.weight`` uint8 (ceil(N K / 2), 1), ``P.weight.absmax``, ``P.weight.quant_map`` (16,),
+``P.weight.quant_state.bitsandbytes__nf4|fp4`` (the packed JSON of shape, dtype, blocksize), and with double
+quantization ``P.weight.nested_absmax`` / ``P.weight.nested_quant_map``. LLM.int8 checkpoints (int8 weight +
+``SCB``) are exact in qserve's int8 layout instead and load as :class:`qserve.layers.quant_linear.QuantLinear`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qserve.errors import QServeError
+from qserve.kernels.packing import QuantSpec
+
+BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state")
+
+
+class Bnb4bitLinear(nn.Module):
+    """``y = x @ dequant_bnb(W)^T + b`` for nf4 / fp4 weights; interface of :class:`qserve.layers.linear.Linear`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        spec: QuantSpec,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
+        self.has_bias = bias
+        self.bias: torch.Tensor | None = None
+        self.parts = nn.ModuleList()  # one bitsandbytes Linear4bit per sub-projection (q, k, v ...)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
+            f"weights={self.spec.weights} (bitsandbytes), parts={len(self.parts)}"
+        )
+
+    def load(self, shards: list[dict[str, torch.Tensor]]) -> None:
+        """One shard per sub-projection in output order; each holds ``weight`` and ``weight.<state>`` tensors."""
+        import bitsandbytes as bnb
+
+        parts = nn.ModuleList()
+        for shard in shards:
+            w = shard.get("weight")
+            if w is None:
+                raise QServeError("bitsandbytes 4-bit layer without a weight tensor")
+            if w.is_floating_point():  # a module the checkpoint left unquantized: quantize it the same way
+                n = w.shape[0]
+                lin = bnb.nn.Linear4bit(self.in_features, n, False, self.dtype, False, self.spec.weights)
+                lin.weight = bnb.nn.Params4bit(w, False, quant_type=self.spec.weights, module=lin)
+                lin = lin.to(self.device)  # quantizes (bitsandbytes quantizes on the move to a device)
+            else:
+                state = {k.removeprefix("weight."): v for k, v in shard.items() if k.startswith("weight.")}
+                try:
+                    qs = bnb.functional.QuantState.from_dict(dict(state), device=self.device)
+                except (AssertionError, KeyError, ValueError) as e:
+                    raise QServeError(f"bad bitsandbytes 4-bit quant state ({sorted(state)}): {e}") from None
+                if (
+                    qs.quant_type != self.spec.weights
+                    or len(qs.shape) != 2
+                    or qs.shape[1] != self.in_features
+                ):
+                    raise QServeError(
+                        f"bitsandbytes weight is {qs.quant_type} {tuple(qs.shape)}, layer expects "
+                        f"{self.spec.weights} (*, {self.in_features})"
+                    )
+                n = qs.shape[0]
+                lin = bnb.nn.Linear4bit(
+                    self.in_features, n, False, self.dtype, qs.nested, qs.quant_type, device="meta"
+                )
+                lin.weight = bnb.nn.Params4bit.from_prequantized(
+                    w, state, requires_grad=False, device=self.device, module=lin
+                )
+            parts.append(lin)
+        outs = sum(int(m.out_features) for m in self._linears(parts))
+        if outs != self.out_features:
+            raise QServeError(f"bitsandbytes weights have {outs} outputs, layer expects {self.out_features}")
+        if self.has_bias:
+            if any("bias" not in s for s in shards):
+                raise QServeError("checkpoint lacks a bias the config asks for")
+            self.bias = torch.cat([s["bias"] for s in shards]).to(self.device, self.dtype)
+        self.parts = parts
+
+    @staticmethod
+    def _linears(parts: nn.ModuleList) -> list[Any]:  # bitsandbytes' Linear4bit (untyped)
+        return list(parts)
+
+    @property
+    def nbytes(self) -> int:
+        """Packed codes plus absmax (and nested absmax) of every part."""
+        n = 0
+        for lin in self._linears(self.parts):
+            qs = lin.weight.quant_state
+            n += lin.weight.numel() * lin.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+            if qs.state2 is not None:
+                n += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+        return n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features) in x's dtype, by bitsandbytes' Linear4bit."""
+        if len(self.parts) == 0:
+            raise RuntimeError("Bnb4bitLinear used before load()")
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (T, K)
+        ys = [lin(x2) for lin in self.parts]  # (T, N_i) each
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)

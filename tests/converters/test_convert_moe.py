@@ -1,0 +1,78 @@
+"""Converting MoE checkpoints (rtn): every expert and shared-expert projection quantized, routers kept float."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from qserve.converters import QuantizedWeight, convert, quantize_weight
+from qserve.converters.report import REPORT_NAME
+from qserve.errors import QServeError
+from tests.converters.test_convert import _tensors
+
+EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@pytest.mark.parametrize(("arch", "weights", "group"), [("mixtral", "int4", 32), ("qwen2_moe", "int8", None)])
+def test_moe_round_trip(
+    arch: str, weights: str, group: int | None, tiny_model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    src = tiny_model_factory(arch)
+    out = convert(src, tmp_path / "q", weights=weights, group_size=group, progress=False)
+    before, after = _tensors(src), _tensors(out)
+    quantized = 0
+    for name, w in before.items():
+        module, _, suffix = name.rpartition(".")
+        leaf = module.rpartition(".")[2]
+        if leaf in (*ATTN, *EXPERT_LEAVES) and suffix == "weight":
+            parts = {
+                s: after[f"{module}.{s}"] for s in ("qweight", "scales", "qzeros") if f"{module}.{s}" in after
+            }
+            qw = QuantizedWeight.from_tensors(parts, weights, group or -1)
+            assert torch.equal(qw.dequantize(), quantize_weight(w, weights, group or 128).dequantize())
+            assert name not in after
+            quantized += 1
+        else:  # embeddings, norms, biases, routers (mlp.gate / block_sparse_moe.gate, shared_expert_gate)
+            assert torch.equal(after[name], w), name
+    cfg = json.loads((src / "config.json").read_text())
+    layers, experts = cfg["num_hidden_layers"], cfg.get("num_local_experts") or cfg["num_experts"]
+    if arch == "mixtral":  # every layer sparse: 4 attention + 3 per expert
+        assert quantized == layers * (4 + 3 * experts)
+        assert any(n.endswith("block_sparse_moe.gate.weight") for n in after)
+    else:  # layers 0 and 2 sparse with a shared expert, layer 1 dense
+        assert quantized == layers * 4 + 2 * (3 * experts + 3) + 3
+        assert any(n.endswith("mlp.shared_expert_gate.weight") for n in after)
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert len(report["layers"]) == quantized
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_converted_moe_runs_close_to_float(
+    arch: str, tiny_model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    from qserve import LLM
+    from qserve.eval import perplexity
+    from qserve.layers.moe import FusedMoE
+
+    src = tiny_model_factory(arch)
+    text = "def add(a, b):\n    return a + b\n" * 12
+    base = perplexity(LLM(str(src), device="cpu"), text, context=128).nll
+    for weights, tol in (("int8", 0.01), ("int4", 0.1)):
+        out = convert(src, tmp_path / weights, weights=weights, group_size=32, progress=False)
+        llm = LLM(str(out), device="cpu")
+        assert {m.kind for m in llm.engine.model.modules() if isinstance(m, FusedMoE)} == {f"cpu-{weights}"}
+        nll = perplexity(llm, text, context=128).nll
+        assert abs(nll - base) < tol * base, (weights, nll, base)
+
+
+def test_awq_on_moe_is_refused_before_writing(
+    tiny_model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    with pytest.raises(QServeError, match="--method awq does not support MoE"):
+        convert(tiny_model_factory("mixtral"), tmp_path / "q", method="awq", progress=False)
+    assert not list(tmp_path.iterdir())

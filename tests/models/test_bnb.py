@@ -1,0 +1,108 @@
+"""bitsandbytes checkpoints (nf4 / fp4, with and without double quantization, LLM.int8) saved by transformers:
+qserve loads them and agrees with transformers + bitsandbytes on the next token, teacher-forced."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from qserve import LLM, SamplingParams
+from tests.models.test_hf_parity import prompts
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("accelerate")
+
+CONFIGS = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    "fp4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+def quantize_with_transformers(src: Path, out: Path, **bnb: object) -> torch.nn.Module:
+    """transformers + bitsandbytes quantize ``src`` on load; saved to ``out``. Returns the bnb model."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(**bnb, bnb_4bit_compute_dtype=torch.float32)  # type: ignore[arg-type]
+    model = AutoModelForCausalLM.from_pretrained(str(src), quantization_config=cfg, dtype=torch.float32)
+    model.save_pretrained(str(out))
+    for f in src.glob("tok*"):
+        shutil.copy(f, out)
+    return model.eval()
+
+
+def teacher_forced_agreement(hf: torch.nn.Module, llm: LLM, batch: list[list[int]]) -> float:
+    """Share of prompt positions whose top-1 next token is the same in both runtimes."""
+    sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    outs = llm.generate(prompt_token_ids=batch, sampling_params=sp)
+    same = total = 0
+    for p, o in zip(batch, outs, strict=True):
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0].argmax(-1).tolist()  # (T,) next token after each position
+        assert o.prompt_logprobs is not None
+        ours = [
+            max(lp.top, key=lp.top.__getitem__) for lp in o.prompt_logprobs[1:]
+        ]  # position i predicts i+1
+        ours.append(o.token_ids[0])  # the last position's prediction is the generated token
+        same += sum(a == b for a, b in zip(ours, ref, strict=True))
+        total += len(ref)
+    return same / total
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_bnb_checkpoint_agrees_with_transformers(
+    kind: str, tiny_model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    src = tiny_model_factory("llama")
+    hf = quantize_with_transformers(src, tmp_path / kind, **CONFIGS[kind])
+    llm = LLM(str(tmp_path / kind), kv_cache_memory=1 << 20, dtype="float32")
+    layer = llm.engine.model.model.layers[0].self_attn.qkv_proj
+    assert type(layer).__name__ == ("QuantLinear" if kind == "int8" else "Bnb4bitLinear")
+    agreement = teacher_forced_agreement(hf, llm, prompts(8))
+    assert agreement >= 0.95, agreement
+
+
+def test_convert_nf4_matches_bitsandbytes(tiny_model_factory: Callable[..., Path], tmp_path: Path) -> None:
+    """`qserve convert --weights nf4` writes exactly what transformers + bitsandbytes write, and both load it."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from qserve.converters import convert
+    from qserve.converters.report import REPORT_NAME
+    from tests.converters.test_convert import _tensors
+
+    src = tiny_model_factory("qwen2")  # q/k/v biases, tied embeddings
+    ours = convert(src, tmp_path / "ours", weights="nf4", progress=False)
+    hf = quantize_with_transformers(src, tmp_path / "hf", **CONFIGS["nf4"])
+    a, b = _tensors(ours), _tensors(tmp_path / "hf")
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    q = json.loads((ours / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "bitsandbytes" and q["bnb_4bit_quant_type"] == "nf4" and q["load_in_4bit"]
+    report = json.loads((ours / REPORT_NAME).read_text())
+    assert len(report["layers"]) == 2 * 7 and report["summary"]["max_rel_error"] < 0.12
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        str(ours), dtype=torch.float32
+    ).eval()  # transformers reads it
+    llm = LLM(str(ours), kv_cache_memory=1 << 20, dtype="float32")
+    assert teacher_forced_agreement(reloaded, llm, prompts(4)) >= 0.95
+    assert teacher_forced_agreement(hf, llm, prompts(4)) >= 0.95
+
+
+def test_convert_nf4_errors(tiny_model_factory: Callable[..., Path], tmp_path: Path) -> None:
+    from qserve.converters import convert
+    from qserve.errors import QServeError
+
+    with pytest.raises(QServeError, match="--group-size/--method do not apply"):
+        convert(tiny_model_factory("llama"), tmp_path / "a", weights="nf4", group_size=64, progress=False)
+    with pytest.raises(QServeError, match="nf4 does not support MoE"):
+        convert(tiny_model_factory("mixtral"), tmp_path / "b", weights="nf4", progress=False)
+    assert not list(tmp_path.iterdir())
