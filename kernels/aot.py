@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -168,10 +169,21 @@ def run(
                 seen.add(key)
                 tasks.append((i, arch))
     jobs = jobs or os.cpu_count() or 1
-    if jobs == 1:
-        return [_compile(t) for t in tasks]
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        return pool.map(_compile, tasks, chunksize=1)
+    print(f"aot: compiling {len(tasks)} variants on {jobs} processes", file=sys.stderr, flush=True)
+    results: list[Result] = []
+    with contextlib.ExitStack() as stack:
+        done: Iterable[Result]
+        if jobs == 1:
+            done = map(_compile, tasks)
+        else:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(jobs))
+            done = pool.imap(_compile, tasks, chunksize=1)
+        for r in done:
+            results.append(r)
+            if len(results) % 100 == 0 or not r.ok:
+                state = "ok" if r.ok else f"FAIL {r.kernel} sm_{r.arch}: {r.error}"
+                print(f"aot: {len(results)}/{len(tasks)} ({state})", file=sys.stderr, flush=True)
+    return results
 
 
 def summary(results: list[Result]) -> str:
