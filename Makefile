@@ -55,7 +55,7 @@ test: install check
 
 # The ahead-of-time kernel check: every Triton kernel x autotune config x dtype, compiled to sm_80 and sm_90
 # cubins with triton's bundled ptxas (no GPU); fails on a compile error, shared memory over the limit or a
-# spill. Per-variant results: $(AOT_JSON). AOT_FLAGS=--full compiles the whole cross product (~1 h on 2 cores).
+# spill. Per-variant results: $(AOT_JSON). AOT_FLAGS=--full compiles the whole cross product (many times longer).
 AOT_JSON ?= build/aot.json
 AOT_FLAGS ?=
 AOT := env -u TRITON_INTERPRET $(VPY) -m qserve.kernels.aot --arch 80,90 --json $(AOT_JSON) $(AOT_FLAGS)

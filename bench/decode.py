@@ -41,9 +41,10 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0)  # fmt: skip
 BATCHES, MODES = (1, 16, 64), ("eager", "graphs")
-# (weights, KV) in the order they run: the goals' points first, so a short budget still measures them
-ORDER = [("bf16", "bf16"), ("int4", "bf16"), ("int8", "bf16"), ("bf16", "int8"), ("bf16", "int4"),
-         ("int4", "int8"), ("int4", "int4"), ("int8", "int8"), ("int8", "int4")]  # fmt: skip
+# (weights, KV) in the order they run: the goals' points first, so a short budget still measures them, and
+# grouped by weights, so at most two random checkpoints exist at once (each is deleted after its last use)
+ORDER = [("bf16", "bf16"), ("int4", "bf16"), ("int4", "int8"), ("int4", "int4"), ("bf16", "int8"),
+         ("bf16", "int4"), ("int8", "bf16"), ("int8", "int8"), ("int8", "int4")]  # fmt: skip
 PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0, "H100": 3350.0,
              "A100-SXM4-80GB": 2039.0, "A100-SXM4-40GB": 1555.0, "A100": 1555.0, "L40S": 864.0}  # fmt: skip
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -172,13 +173,18 @@ class ForwardEvents:
 
 
 def kernel_seconds(prof: Any, cuda: bool) -> float:
-    """Summed device kernel time of a profile (CPU: the self time of aten ops, the plumbing's stand-in)."""
-    total = 0.0
-    for e in prof.events():
-        if cuda and str(e.device_type).endswith("CUDA"):
-            total += e.device_time_total
-        elif not cuda and e.name.startswith("aten::"):
-            total += e.self_cpu_time_total
+    """Device time covered by kernels (and copies) in a profile: the union of their intervals. On CPU, the
+    plumbing's stand-in: the summed self time of aten ops."""
+    if not cuda:
+        return sum(e.self_cpu_time_total for e in prof.events() if e.name.startswith("aten::")) / 1e6
+    spans = sorted(
+        (e.time_range.start, e.time_range.end) for e in prof.events() if str(e.device_type).endswith("CUDA")
+    )
+    total, reach = 0.0, float("-inf")
+    for start, end in spans:  # microseconds; merge overlaps (several streams)
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
     return total / 1e6
 
 
@@ -236,6 +242,19 @@ def measure(llm: Any, batch: int, prompt_len: int, steps: int, prof_steps: int, 
                 busy_profiler=min(busy_prof, 1.0), context_tokens=ctx_mid / batch)  # fmt: skip
 
 
+def scratch_dir(shape: dict[str, Any], cuda: bool) -> Path:
+    """/dev/shm when it holds two bf16 checkpoints of ``shape`` (containers often give it 64 MB), else $TMPDIR."""
+    h, layers = shape["hidden_size"], shape["num_hidden_layers"]
+    kv = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
+    params = 2 * shape["vocab_size"] * h + layers * (
+        2 * h * h + 2 * kv * h + 3 * h * shape["intermediate_size"]
+    )
+    shm = Path("/dev/shm")
+    if cuda and shm.is_dir() and shutil.disk_usage(shm).free > 2 * 2 * params * 1.1:
+        return shm
+    return Path(tempfile.gettempdir())
+
+
 def peak_bandwidth(cuda: bool) -> tuple[float, str]:
     """(GB/s, where it comes from): the data sheet by GPU name; on CPU a measured 64 MiB copy."""
     if os.environ.get("DECODE_PEAK_GBPS"):
@@ -274,7 +293,6 @@ def make_llm(path: Path, kv: str, mode: str, cuda: bool, max_len: int) -> tuple[
         kw["enforce_eager"] = mode == "eager"
     llm = LLM(str(path), **kw)
     if mode == "graphs" and not graphs_captured(llm):
-        del llm
         return None, "the engine reports no captured CUDA graphs"
     return llm, None
 
@@ -287,8 +305,8 @@ def row_line(r: dict[str, Any]) -> str:
             f"profiler {100 * r['busy_profiler']:.0f}%; roofline {roof}")  # fmt: skip
 
 
-def free(llm: Any) -> None:
-    del llm
+def free() -> None:
+    """Return the memory of engines no longer referenced (call after dropping the last reference)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -342,7 +360,7 @@ def main() -> int:
         return 2
     t_start = time.time()
     shape = LLAMA3_8B if cuda else TINY
-    steps, prof_steps, prompt_len = args.steps or (32 if cuda else 4), 4 if cuda else 2, 128 if cuda else 16
+    steps, prof_steps, prompt_len = args.steps or (32 if cuda else 2), 4 if cuda else 1, 128 if cuda else 16
     max_len = prompt_len + steps + prof_steps + 8
     peak, peak_src = peak_bandwidth(cuda)
     env = dict(device=torch.cuda.get_device_name(0) if cuda else "cpu", torch=torch.__version__,
@@ -350,8 +368,7 @@ def main() -> int:
     print(f"== decode bench: {json.dumps(env)}", flush=True)
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"env": env, "rows": rows}
-    shm = Path("/dev/shm")
-    base = args.scratch or (shm if cuda and shm.is_dir() else Path(tempfile.gettempdir()))
+    base = args.scratch or scratch_dir(shape, cuda)
     scratch = Path(tempfile.mkdtemp(prefix="qserve-decode-", dir=base))
     written: dict[str, Path] = {}
     try:
@@ -369,6 +386,7 @@ def main() -> int:
                 t0 = time.time()
                 llm, why = make_llm(written[weights], kv, mode, cuda, max_len)
                 if llm is None:
+                    free()  # an engine built to ask for graphs may have just been dropped
                     rows += [dict(point, batch=b, unavailable=why) for b in BATCHES]
                     print(f"  weights {weights} KV {kv} {mode}: unavailable ({why})", flush=True)
                     continue
@@ -383,7 +401,10 @@ def main() -> int:
                     r["roofline"] = moved / r["step_s"] / (peak * 1e9) if peak else None
                     rows.append(r)
                     print(row_line(r), flush=True)
-                free(llm)
+                llm = None  # the engine's weights and KV pool go before the next one is built
+                free()
+            if all(w != weights for w, _ in ORDER[ORDER.index((weights, kv)) + 1 :]):
+                shutil.rmtree(written.pop(weights, scratch / "none"), ignore_errors=True)  # last use
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result["goals"] = goals(rows)

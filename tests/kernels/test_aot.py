@@ -90,6 +90,31 @@ def test_main_exit_status_and_json(ok: bool, tmp_path: Path, monkeypatch: pytest
     assert [r["ok"] for r in rows] == [True, ok]
 
 
+def _spilled(kernel: str, arch: int, spills: int = 40) -> aot.Result:
+    error = aot.verdict(arch, 1024, 255, spills)
+    return aot.Result(
+        kernel, {"BLOCK_N": 64}, "q:fp32", arch, error is None, 1024, 255, spills, error, "decode"
+    )
+
+
+def test_baseline_accepts_only_listed_spills_and_goes_stale() -> None:
+    known = [aot.asdict(_spilled("_decode_kernel", 80)), aot.asdict(_spilled("_prefill_kernel", 90))]
+    known.append(aot.asdict(_spilled("_store_kv_kernel", 90)))  # not compiled in this run: not checked
+    results = [
+        _spilled("_decode_kernel", 80),
+        _spilled("_decode_kernel", 90),
+        _spilled("_prefill_kernel", 90, 0),
+    ]
+    broken = aot.Result(
+        "_decode_kernel", {"BLOCK_N": 64}, "q:fp32", 80, False, None, None, None, "CompilationError", "x"
+    )
+    stale = aot.apply_baseline([*results, broken], known)
+    assert [r.ok for r in results] == [True, False, True]  # listed spill accepted, an unlisted one not
+    assert results[0].error is not None and results[0].error.startswith("known:")
+    assert not broken.ok  # a compile error is never accepted
+    assert stale == [aot.baseline_key(known[1])]  # the prefill variant no longer spills: remove it
+
+
 def test_bad_arguments(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert aot.main(["--arch", "75"]) == 2
