@@ -58,7 +58,11 @@ test: install check
 # spill. Per-variant results: $(AOT_JSON). AOT_FLAGS=--full compiles the whole cross product (many times longer).
 AOT_JSON ?= build/aot.json
 AOT_FLAGS ?=
-AOT := env -u TRITON_INTERPRET $(VPY) -m qserve.kernels.aot --arch 80,90 --json $(AOT_JSON) $(AOT_FLAGS)
+# kernels/aot_known_spills.json: the paged-attention variants that spill today (fp32 queries; some sm_80
+# fp16/bf16 prefill tiles), accepted until their launch parameters are fixed; any other spill fails, and so
+# does an entry that stops spilling (remove it).
+AOT := env -u TRITON_INTERPRET $(VPY) -m qserve.kernels.aot --arch 80,90 --json $(AOT_JSON) \
+	--baseline kernels/aot_known_spills.json $(AOT_FLAGS)
 
 check:
 	$(VPY) -m ruff check .

@@ -56,14 +56,14 @@ def gemv_configs() -> list[Config]:
 def gemm_configs() -> list[Config]:
     """GEMM candidates (BLOCK_M x BLOCK_N x BLOCK_K tiles); pruned by M, so each M bucket has its own default."""
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-        (16, 64, 128, 2, 4),  # 4 warps spill on sm_90 once BLOCK_K shrinks to 64 (int4, group 64)
+        (16, 64, 128, 4, 2),  # 4 stages spill on sm_90 once BLOCK_K shrinks to 64 (int4, group 64)
         (16, 128, 128, 4, 4),
         (32, 64, 128, 4, 4),
         (32, 128, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 128, 128, 8, 3),
         (128, 128, 64, 8, 3),
-        (128, 256, 32, 8, 3),  # BLOCK_K 64 spills 88-220 B of registers on sm_80 (python -m qserve.kernels.aot)
+        (128, 256, 32, 8, 3),  # BLOCK_K 64 spills 88-220 B on sm_80 (python -m qserve.kernels.aot)
     ]
     return [
         dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
