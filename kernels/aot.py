@@ -275,15 +275,26 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: the ahead-of-time check needs triton with its NVIDIA backend", file=sys.stderr)
         return 2
-    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; silences triton's warning
     kernels = set(args.kernels.split(",")) if args.kernels else None
     if args.list:
         return _list(args.full, kernels, args.json)
+    saved = {
+        k: os.environ.get(k)
+        for k in ("TRITON_DUMP_PTXAS_LOG", "TRITON_DEFAULT_FP_FUSION", "TRITON_CACHE_DIR")
+    }
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; silences triton's warning
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="qserve-aot-") as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache  # fresh: ptxas runs (and reports) for every variant
-        results = run(archs, args.full, args.jobs, kernels)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qserve-aot-") as cache:
+            os.environ["TRITON_CACHE_DIR"] = cache  # fresh: ptxas runs (and reports) for every variant
+            results = run(archs, args.full, args.jobs, kernels)
+    finally:  # called as a function (tests), leave the environment as it was
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     stale: list[str] = []
     if args.baseline:
         stale = apply_baseline(results, json.loads(args.baseline.read_text()))
