@@ -32,7 +32,7 @@ def _quant_quality():  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    # bench/kernels.py would shadow the `kernels` package transformers and bitsandbytes probe for: drop bench/
+    # (bench/kernels.py, since renamed kernel_timings.py, shadowed the `kernels` package transformers and bitsandbytes probe for: drop bench/
     # (sys.path[0] when run as a script) from the path before they are imported.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
     qq = _quant_quality()

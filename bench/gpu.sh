@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent machine: set up, run the GPU tests, benchmark the kernels.
+# One-shot GPU check for a lent machine: set up, run the GPU tests, benchmark the kernels and end-to-end
+# decode, then write one JSON summary.
 #
 #   bash bench/gpu.sh                      # whole run, ends within GPU_SH_BUDGET_S (default 470 s)
 #   GPU_SH_SECTIONS="setup kernels_bench" bash bench/gpu.sh     # a subset, in this order
-#   GPU_SH_ALLOW_CPU=1 PYTHON=.venv/bin/python bash bench/gpu.sh # no GPU: check the plumbing (bench --dry-run)
+#   GPU_SH_ALLOW_CPU=1 PYTHON=.venv/bin/python bash bench/gpu.sh # no GPU: every section on CPU (--dry-run)
 #
 # Results: $OUT if set (the device tool brings that folder back), else bench/out/gpu. Files there:
-# gpu.log (everything printed), kernels.json + kernels.csv (bench/kernel_timings.py). Keep the total under the
-# device tool's 8 files.
+# gpu.log (everything printed), kernels.json + kernels.csv (bench/kernel_timings.py), attention.json +
+# attention.md (bench/attention.py), decode.json (bench/decode.py), summary.json (bench/gpu_summary.py:
+# sections, environment, every goal, the decode table). Keep the total under the device tool's 8 files.
+#
+# Each section has a time cap (GPU_SH_CAP_<SECTION> seconds; defaults below sum to the 470 s budget):
+# gpu_tests 90, kernels_bench 130, attention_bench 60, decode_bench 170. CPU plumbing mode: 150, 150, 120,
+# 160 within GPU_SH_BUDGET_S 600, the benchmarks' timing loops cut to a third of their cap (tiny shapes in
+# Triton's interpreter are slow; the point there is that every section runs and writes its JSON).
 #
 # Adding a section (e.g. paged-attention timings): write a function `section_<name>` that runs its
 # commands through `run_step <limit-seconds> <command...>` and writes into "$RESULTS", then add <name>
@@ -16,22 +23,31 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
-BUDGET=${GPU_SH_BUDGET_S:-470}
+if [[ ${GPU_SH_ALLOW_CPU:-0} == 1 ]]; then BUDGET=${GPU_SH_BUDGET_S:-600}; else BUDGET=${GPU_SH_BUDGET_S:-470}; fi
 RESULTS=${OUT:-$ROOT/bench/out/gpu}
 # shellcheck disable=SC2206  # word splitting intended
-SECTIONS=(${GPU_SH_SECTIONS:-setup gpu_tests kernels_bench attention_bench})
+SECTIONS=(${GPU_SH_SECTIONS:-setup gpu_tests kernels_bench attention_bench decode_bench})
 HAS_CUDA='import os, sys, torch; sys.exit(0 if torch.cuda.is_available() or os.environ.get("GPU_SH_ALLOW_CPU") == "1" else 1)'
 BENCH_ARGS=()
 mkdir -p "$RESULTS"
 exec > >(tee -a "$RESULTS/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
 STATUS=()
+RECORDS=()  # name:rc:seconds per section, for the JSON summary
 FAILED=0
 PY=""
 SHIMS=()
 trap 'rm -f "${SHIMS[@]}"' EXIT
 
 left() { echo $((BUDGET - SECONDS)); }
+
+# cap NAME GPU CPU: a section's time cap in seconds (GPU_SH_CAP_<NAME>, else GPU's or, plumbing, CPU's).
+cap() {
+    local var="GPU_SH_CAP_${1^^}"
+    if [[ -n ${!var:-} ]]; then echo "${!var}"; elif [[ ${GPU_SH_ALLOW_CPU:-0} == 1 ]]; then echo "$3"; else echo "$2"; fi
+}
+# share LIMIT: the part of a section's limit its benchmark may spend timing (the rest: setup, correctness)
+share() { if [[ ${GPU_SH_ALLOW_CPU:-0} == 1 ]]; then echo $(($1 / 3)); else echo $(($1 * 2 / 3)); fi; }
 
 # run_step LIMIT CMD...: run CMD under `timeout`, the limit cut to the time left (minus a margin).
 run_step() {
@@ -115,17 +131,18 @@ EOF
 
 section_gpu_tests() {
     # Every test marked `gpu` in the project; kernels compile on first use, so this takes a while.
-    run_step 170 "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --durations=10 tests/
+    run_step "$(cap gpu_tests 90 150)" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors --durations=10 tests/
 }
 
 # ------------------------------------------------------------------------------------------- benchmarks
 
 section_kernels_bench() {
     # W4A16 / W8A16 vs fp16 on Llama-3-8B shapes; prints the table last, writes kernels.json / kernels.csv.
-    local limit=$(($(left) - 20))
-    ((limit > 330)) && limit=330
+    local limit=$(($(left) - 20)) most
+    most=$(cap kernels_bench 130 150)
+    ((limit > most)) && limit=$most
     run_step "$limit" env TRITON_PRINT_AUTOTUNING=1 "$PY" bench/kernel_timings.py --out "$RESULTS" \
-        --budget-s $((limit - 90)) "${BENCH_ARGS[@]}"
+        --budget-s "$(share "$limit")" "${BENCH_ARGS[@]}"
 }
 
 # ------------------------------------------------------------------------------------------- attention (issue 6)
@@ -135,9 +152,22 @@ section_kernels_bench() {
 #   GPU_SH_SECTIONS="setup attention_bench" bash bench/gpu.sh
 
 section_attention_bench() {
-    local limit=$(($(left) - 20))
-    ((limit > 240)) && limit=240
-    run_step "$limit" "$PY" bench/attention.py --out "$RESULTS" --budget-s $((limit - 40)) "${BENCH_ARGS[@]}"
+    local limit=$(($(left) - 20)) most
+    most=$(cap attention_bench 60 120)
+    ((limit > most)) && limit=$most
+    run_step "$limit" "$PY" bench/attention.py --out "$RESULTS" --budget-s "$(share "$limit")" "${BENCH_ARGS[@]}"
+}
+
+# ------------------------------------------------------------------------------------------- decode (issue 17)
+# End-to-end decode tok/s through qserve.LLM on a random model of Llama-3-8B's shape: weights bf16/int8/int4
+# x KV bf16/int8/int4 x batch 1/16/64 x eager/graphs, device busy (CUDA events, torch profiler), fraction
+# of the HBM roofline. The goals' points run first; the budget skips the rest (listed in decode.json).
+
+section_decode_bench() {
+    local limit=$(($(left) - 15)) most
+    most=$(cap decode_bench 170 160)
+    ((limit > most)) && limit=$most
+    run_step "$limit" "$PY" bench/decode.py --out "$RESULTS" --budget-s $((limit * 3 / 4)) "${BENCH_ARGS[@]}"
 }
 
 # ------------------------------------------------------------------------------------------- main
@@ -146,6 +176,7 @@ echo "== bench/gpu.sh: sections ${SECTIONS[*]}, budget ${BUDGET}s, results in $R
 for name in "${SECTIONS[@]}"; do
     if [[ -z $PY && $name != setup ]]; then
         STATUS+=("$name: skipped (setup failed)")
+        RECORDS+=("$name:skipped:0")
         FAILED=1
         continue
     fi
@@ -155,10 +186,12 @@ for name in "${SECTIONS[@]}"; do
     "section_$name"
     rc=$?
     STATUS+=("$name: rc=$rc ($((SECONDS - t0))s)")
+    RECORDS+=("$name:$rc:$((SECONDS - t0))")
     ((rc != 0)) && FAILED=1
     [[ $name == setup && $rc != 0 ]] && PY=""
 done
 echo
 echo "== summary [$((SECONDS))s of ${BUDGET}s]"
 printf '   %s\n' "${STATUS[@]}"
+"${PY:-python3}" bench/gpu_summary.py "$RESULTS" "${RECORDS[@]}" || FAILED=1
 exit $FAILED

@@ -67,7 +67,7 @@ def run(llm: Any, prompts: list[list[int]], output_len: int) -> float:
 
 
 def main() -> None:
-    # bench/kernels.py would shadow the `kernels` package transformers and bitsandbytes probe for: drop bench/
+    # (bench/kernels.py, since renamed kernel_timings.py, shadowed the `kernels` package transformers and bitsandbytes probe for: drop bench/
     # (sys.path[0] when run as a script) from the path before they are imported.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

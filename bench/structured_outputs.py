@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# bench/kernels.py would shadow the `kernels` package transformers looks for: drop bench/ from the path
+# (bench/kernels.py, since renamed kernel_timings.py, shadowed the `kernels` package transformers looks for: drop bench/ from the path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 LONG: dict[str, Any] = {

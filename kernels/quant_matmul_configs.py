@@ -27,6 +27,7 @@ SPLIT_K_MAX = 8  # at most this many K slices
 SPLIT_K_MIN_K = 512  # each K slice keeps at least this many inputs
 SPLIT_K_NOMINAL_BLOCK_N = 64  # tile width split_k_for assumes (the autotuned one may differ)
 SPLIT_K_NOMINAL_BLOCK_M = 16
+INT4_GEMM_MAX_BLOCK_M = 64  # the int4 GEMM holds two (BLOCK_M, BLOCK_N) fp32 tiles: at 128 rows ptxas spills
 MAX_ELEMENTS = 2**31  # int32 offsets inside the kernels
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_ACTS = (torch.float16, torch.bfloat16)
@@ -55,14 +56,14 @@ def gemv_configs() -> list[Config]:
 def gemm_configs() -> list[Config]:
     """GEMM candidates (BLOCK_M x BLOCK_N x BLOCK_K tiles); pruned by M, so each M bucket has its own default."""
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-        (16, 64, 128, 4, 4),
+        (16, 64, 128, 4, 2),  # 4 stages spill on sm_90 once BLOCK_K shrinks to 64 (int4, group 64)
         (16, 128, 128, 4, 4),
         (32, 64, 128, 4, 4),
         (32, 128, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 128, 128, 8, 3),
         (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
+        (128, 256, 32, 8, 3),  # BLOCK_K 64 spills 88-220 B on sm_80 (python -m qserve.kernels.aot)
     ]
     return [
         dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
@@ -83,7 +84,8 @@ def prune_configs(configs: list[Config], path: str, m: int, group_size: int) -> 
 
     int4 (``group_size`` > 0): BLOCK_K shrinks to a power of two dividing the group size, so every K slice
     lies inside one group. GEMV: the (BLOCK_M, BLOCK_N, BLOCK_K) product must fit about 64 float32
-    registers a thread. GEMM: BLOCK_M between a quarter of next_pow2(M) (at most 64) and next_pow2(M).
+    registers a thread. GEMM: BLOCK_M between a quarter of next_pow2(M) (at most 64) and next_pow2(M), and
+    for int4 at most INT4_GEMM_MAX_BLOCK_M.
     """
     out: list[Config] = []
     bucket = _m_bucket(m)
@@ -96,6 +98,8 @@ def prune_configs(configs: list[Config], path: str, m: int, group_size: int) -> 
                 continue
         elif not (min(64, max(16, bucket // 4)) <= c["BLOCK_M"] <= max(16, bucket)):
             continue
+        elif group_size > 0 and c["BLOCK_M"] > INT4_GEMM_MAX_BLOCK_M:
+            continue  # python -m qserve.kernels.aot: 140-800 B of spills on sm_80 and sm_90
         if c not in out:
             out.append(c)
     if not out:  # nothing fits: the smallest tile
