@@ -14,6 +14,7 @@ Axes (``full=False`` is what ``make test`` compiles; ``full=True`` the whole cro
   x scales fp16 / bf16 / fp32 x output in x's dtype (one K slice) or fp32 partials (split-K). CI: every config
   with each activation dtype (scales of the same dtype, no split), and every other dtype pair with the first
   config; full: every config with every dtype combination. The dequantize kernel: every bits x dtype pair.
+* fused MoE: float / int8 / int4 (group 128; full: 32 / 64) experts x fp16 / bf16 activations, both GEMMs.
 * paged attention (launch parameters: ``default_config``, there is no autotuner): head_dim 64 / 128 / 256
   (full: 16 and 32 too), float / int8 / int4 cache, q fp16 / bf16 / fp32 (float caches of q's dtype; full:
   any float cache dtype), decode with and without the context split, GQA 4 and block size 16 (full: GQA
@@ -178,6 +179,38 @@ def _attention_launches(rec: _Recorder, full: bool) -> None:
                 store.launch_store_kv(kv, kv, cache, _e(tokens, dtype=torch.int64), bs, bits)
 
 
+def _moe_launches(rec: _Recorder, full: bool) -> None:
+    """The fused-MoE grouped GEMM (gate/up, then down with the routing weight) for float / int8 / int4
+    experts (int4 at group 128; full: 32 / 64 too) x fp16 / bf16 activations."""
+    from qserve.kernels.fused_moe import fused_moe_triton
+    from qserve.kernels.packing import quantize
+
+    t, e, top_k, h, inter = 16, 8, 2, 256, 128
+    ids = torch.arange(t * top_k).view(t, top_k) % e  # (T, K): every expert gets rows
+    weights = torch.full((t, top_k), 0.5)
+    kinds = [("float", -1), ("int8", -1), ("int4", 128)] + ([("int4", 32), ("int4", 64)] if full else [])
+    for (kind, group), act in itertools.product(kinds, ACTS):
+        rec.label = f"moe {kind} group={group}"
+        extra: dict[str, torch.Tensor | None] = {}
+        if kind == "float":
+            w13, w2 = _e(e, 2 * inter, h, dtype=act), _e(e, h, inter, dtype=act)
+        else:  # qserve's layout per expert, stacked: what the loader hands the kernel
+            q13, q2 = (
+                quantize(torch.zeros(2 * inter, h), kind, group),
+                quantize(torch.zeros(h, inter), kind, group),
+            )
+            w13, w2 = (q.qweight.expand(e, *q.qweight.shape).contiguous() for q in (q13, q2))
+            extra["w13_scales"], extra["w2_scales"] = (
+                q.scales.expand(e, *q.scales.shape).contiguous() for q in (q13, q2)
+            )
+            if kind == "int4":
+                assert q13.zeros is not None and q2.zeros is not None
+                extra["w13_zeros"], extra["w2_zeros"] = (
+                    z.expand(e, *z.shape).contiguous() for z in (q13.zeros, q2.zeros)
+                )
+        fused_moe_triton(_e(t, h, dtype=act), ids, weights, w13, w2, kind, inter, group_size=group, **extra)
+
+
 def launches(full: bool = False) -> list[Launch]:
     """Every launch of every Triton kernel in ``kernels/`` over the axes of the module docstring."""
     if qml._interpreting():
@@ -185,4 +218,5 @@ def launches(full: bool = False) -> list[Launch]:
     with capture() as rec:
         _matmul_launches(rec, full)
         _attention_launches(rec, full)
+        _moe_launches(rec, full)
     return rec.launches

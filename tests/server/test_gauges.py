@@ -5,18 +5,32 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from tests.server.conftest import ServerProcess, httpx, metric
 
 N, LAG = 8, 0.5  # streams; how stale a gauge may be
 
 
-def test_requests_running_tracks_streams_in_flight(server: ServerProcess, auth: dict[str, str]) -> None:
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # the demo model, one engine thread: 600-token streams last seconds, long enough to sample the gauge
+    # mid-generation (the tiny test model finishes them in a fraction of a second on idle cores)
+    srv = ServerProcess(Path("demo"), tmp_path_factory.mktemp("gauges") / "serve.log", "--threads", "1")
+    yield srv
+    srv.stop()
+
+
+def test_requests_running_tracks_streams_in_flight(demo_server: ServerProcess) -> None:
+    server, auth = demo_server, {}
     first: dict[int, float] = {}
     end: dict[int, float] = {}
 
     def stream(i: int) -> None:
-        body = {"model": "tiny", "prompt": f"stream {i}", "max_tokens": 400, "temperature": 0.0,
+        body = {"model": "demo", "prompt": f"stream {i}", "max_tokens": 600, "temperature": 0.0,
                 "ignore_eos": True, "stream": True}  # fmt: skip
         with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=auth, timeout=120) as r:
             for line in r.iter_lines():
