@@ -83,9 +83,10 @@ def test_awq_beats_rtn_on_perplexity(outlier_model: Path, tmp_path: Path) -> Non
         d.name: perplexity(LLM(str(d), device="cpu", dtype="float32"), HELDOUT, context=256).nll
         for d in (rtn, out)
     }
-    # AWQ's win on this one tiny random model is small (2026-11-29: 8.374 vs 8.408 nats) and flipped to a
-    # 0.3% loss after an unrelated change on 2026-12-07 (the per-layer output errors above still show the
-    # win); perplexity here only guards against AWQ being materially worse than RTN.
+    # AWQ's perplexity win on this one tiny random model is within noise: adding `import os` to
+    # qserve/config.py (nothing else) turned 8.374 vs 8.408 nats into 8.429 vs 8.408, deterministically.
+    # Likely 1-ulp matmul differences (allocation alignment) flip near-tied choices in the scale grid. The
+    # per-layer output errors above are the real check; this one guards against AWQ being materially worse.
     assert nll["awq"] < nll["rtn"] * 1.01
 
 
