@@ -66,7 +66,9 @@ class CompiledForward:
         """
         shapes = [StepShape(1, 1)]
         if buffers.max_tokens >= 4 and len(buffers.buckets) > 2:
-            shapes.append(StepShape(buffers.buckets[2], min(3, buffers.max_seqs)))
+            # the largest shape: inductor sizes its loops (and whether to parallelize them) by these hints
+            seqs = max(min(buffers.max_seqs, buffers.max_tokens - 1), 2)
+            shapes.append(StepShape(buffers.max_tokens, seqs))
         t0 = time.perf_counter()
         for i, shape in enumerate(shapes, 1):
             progress(f"compiling the forward: graph {i}/{len(shapes)} ({shape.tokens} rows)")
