@@ -29,7 +29,6 @@ class ModelRunnerOutput:
     logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> time: prepare, forward, sample
-    padded_tokens: int = 0  # token rows the forward ran at (a bucket when compiled)
     forward_start: float = 0.0  # monotonic seconds around the forward (host view)
     forward_end: float = 0.0
     device_seconds: float = 0.0  # the forward's device time: CUDA events on GPU, its wall time on CPU
@@ -44,6 +43,7 @@ class _Batch:
     meta: AttentionMetadata
     logits_rows: list[int]  # packed row whose logits are sampled, per sampling sequence
     query_start_loc: list[int]  # host copy, B + 1
+    compiled: bool  # padded to a bucket, for the compiled forward (else exact sizes, eager)
 
 
 class ModelRunner:
@@ -120,7 +120,7 @@ class ModelRunner:
         if self.device.type == "cuda":  # launch sizes of the Triton kernels (eager, unpadded)
             meta.num_decodes = num_decodes
             meta.max_decode_seq_len = max(seq_lens[:num_decodes], default=1)
-        return _Batch(view.input_ids, view.positions, meta, logits_rows, qsl)
+        return _Batch(view.input_ids, view.positions, meta, logits_rows, qsl, shape is not None)
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -133,9 +133,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         batch = self._prepare(so)
         t1 = time.perf_counter()
-        out.padded_tokens = batch.ids.shape[0]
-        compiled = self.compiled is not None and out.padded_tokens <= self.compiled.max_tokens
-        forward = self.compiled.forward if self.compiled is not None and compiled else self.model
+        forward = self.compiled.forward if self.compiled is not None and batch.compiled else self.model
         events = None
         if self.device.type == "cuda":
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
