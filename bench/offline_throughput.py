@@ -68,10 +68,14 @@ def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[list[i
     return [[rng.randrange(300, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def run_qserve(model: Path, prompts: list[list[int]], out_len: int, eager: bool) -> dict:
+def run_qserve(
+    model: Path, prompts: list[list[int]], out_len: int, eager: bool, overlap: bool = False
+) -> dict:
     from qserve import LLM, SamplingParams
 
-    llm = LLM(str(model), max_num_seqs=256, kv_cache_memory=2 << 30, enforce_eager=eager)
+    llm = LLM(
+        str(model), max_num_seqs=256, kv_cache_memory=2 << 30, enforce_eager=eager, async_scheduling=overlap
+    )
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
     t = time.perf_counter()
@@ -135,8 +139,9 @@ def main() -> None:
     lo, hi = map(int, args.prompt_len.split(":"))
     prompts = workload(args.requests, lo, hi, vocab)
     if args.child:
-        if args.child in ("qserve", "qserve-eager"):
-            res = run_qserve(path, prompts, args.output_len, eager=args.child == "qserve-eager")
+        if args.child in ("qserve", "qserve-eager", "qserve-async"):
+            eager, overlap = args.child == "qserve-eager", args.child == "qserve-async"
+            res = run_qserve(path, prompts, args.output_len, eager=eager, overlap=overlap)
         elif args.child == "vllm":
             res = run_vllm(path, prompts, args.output_len)
         else:
@@ -159,6 +164,7 @@ def main() -> None:
             if eng != "vllm":  # the peer's venv has no qserve: it needs nothing from the repo
                 env["PYTHONPATH"] = str(ROOT)
             env.pop("QSERVE_ENFORCE_EAGER", None)
+            env.pop("QSERVE_ASYNC_SCHEDULING", None)
             cmd = [py, __file__, "--child", eng, "--model", args.model, "--requests", str(args.requests),
                    "--prompt-len", args.prompt_len, "--output-len", str(args.output_len),
                    "--single-requests", str(args.single_requests)]  # fmt: skip
@@ -179,7 +185,7 @@ def main() -> None:
             q = base["tokens"] / base["seconds"]
             for eng, res in results.items():
                 print(f"round {r + 1} qserve / {eng}: {q / (res['tokens'] / res['seconds']):.2f}x")
-            for eng in ("qserve", "qserve-eager"):
+            for eng in ("qserve", "qserve-eager", "qserve-async"):
                 if eng in results:
                     print(
                         f"round {r + 1} {eng} step seconds by phase:",

@@ -337,6 +337,13 @@ def serve(
     enforce_eager: Annotated[
         bool, typer.Option("--enforce-eager", help="Run every step eagerly: no torch.compile at start-up.")
     ] = False,
+    async_scheduling: Annotated[
+        bool,
+        typer.Option(
+            "--async-scheduling",
+            help="Launch step N+1 before step N's outputs are detokenized and sent (overlap host and device).",
+        ),
+    ] = False,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, models, health, metrics)."""
     from qserve.server.launch import ServeOptions, run_server
@@ -366,6 +373,7 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         threads=threads,
         enforce_eager=enforce_eager,
+        async_scheduling=async_scheduling,
         access_log=not disable_access_log,
         log_format=log_format,
         stats_interval=stats_interval,

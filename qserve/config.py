@@ -296,6 +296,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share KV blocks of identical prompt prefixes across requests
     # True: run every step eagerly (no torch.compile). Default from QSERVE_ENFORCE_EAGER=1, else False.
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("QSERVE_ENFORCE_EAGER") == "1")
+    # True: schedule and launch step N+1 before step N's outputs are detokenized and sent (vLLM's name)
+    async_scheduling: bool = field(default_factory=lambda: os.environ.get("QSERVE_ASYNC_SCHEDULING") == "1")
 
     def __post_init__(self) -> None:
         """Check every value before anything loads; a SIZE string for kv_cache_memory becomes bytes

@@ -6,7 +6,8 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,8 +18,9 @@ from qserve.config import EngineConfig, ModelConfig, canonical_dtype, resolve_mo
 from qserve.engine.compiled import CompiledForward, use_cache_dir
 from qserve.engine.logits_processors import bad_words_token_ids
 from qserve.engine.metrics import EngineMetrics, StepRecord
-from qserve.engine.model_runner import ModelRunner
-from qserve.engine.scheduler import Scheduler
+from qserve.engine.model_runner import ModelRunner, ModelRunnerOutput
+from qserve.engine.outputs import NewToken, cut_at_stop, request_output
+from qserve.engine.scheduler import Scheduler, SchedulerOutput
 from qserve.engine.sequence import Sequence
 from qserve.engine.structured import GrammarCache, GrammarState
 from qserve.errors import QServeError
@@ -42,6 +44,22 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise QServeError("--device cuda asked for, but no CUDA device is available")
     return torch.device(device)
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its SchedulerOutput and its result, or the future of it (async scheduling)."""
+
+    so: SchedulerOutput
+    schedule_seconds: float
+    ro: ModelRunnerOutput | None = None
+    future: Future[ModelRunnerOutput] | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self.ro is None:
+            assert self.future is not None
+            self.ro = self.future.result()
+        return self.ro
 
 
 class LLMEngine:
@@ -118,6 +136,8 @@ class LLMEngine:
         self.on_scheduled: Callable[[], None] | None = None  # called after scheduling a non-empty step
         self._grammars: GrammarCache | None = None  # built on the first structured request
         self._compiling: list[Sequence] = []  # waiting sequences whose grammar is not ready yet
+        self._inflight: _InFlight | None = None  # async scheduling: the launched step not yet applied
+        self._step_thread: ThreadPoolExecutor | None = None  # async scheduling: runs the launched steps
 
     @property
     def grammars(self) -> GrammarCache:
@@ -238,42 +258,70 @@ class LLMEngine:
             self.stats.finished(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, and return the requests that made progress this step."""
-        t0 = time.perf_counter()
+        """Run one model step and return the requests that made progress in it.
+
+        Synchronous (the default): schedule, run, apply, emit. With ``async_scheduling`` the next step is
+        scheduled and launched on the step thread as soon as this one's tokens are applied, and this step's
+        outputs are detokenized (and, in the server, sent) while it computes."""
         failed = self._poll_grammars()
-        so = self.scheduler.schedule()
-        t1 = time.perf_counter()
-        if so.is_empty:
+        flight = self._inflight or self._launch()
+        self._inflight = None
+        if flight is None:
             if self._compiling and not failed:  # only compiling requests are left: wait a moment, not spin
                 wait([q.grammar.future for q in self._compiling if q.grammar], 0.01, FIRST_COMPLETED)
             return failed
+        ro = flight.result()
+        t2 = time.perf_counter()
+        new = self._apply(flight.so, ro)
+        t3 = time.perf_counter()
+        if self.config.async_scheduling:
+            self._inflight = self._launch()
+        t4 = time.perf_counter()
+        outputs = failed + [self._emit(n) for n in new]
+        t5 = time.perf_counter()
+        phases = {"schedule": flight.schedule_seconds, "detokenize": t3 - t2 + t5 - t4, **ro.seconds}
+        phases["total"] = flight.schedule_seconds + sum(ro.seconds.values()) + phases["detokenize"]
+        # a gap counts only when this step followed the last one with no idle wait in between
+        gap = ro.forward_start - self._last_forward_end if self._pending_after_last else None
+        self.stats.record_step(flight.so, StepRecord(ro.forward_end, ro.device_seconds, phases), gap)
+        self._last_forward_end = ro.forward_end
+        self._pending_after_last = self.has_unfinished_requests()
+        return outputs
+
+    def _launch(self) -> _InFlight | None:
+        """Schedule a step and start it: on the step thread under async scheduling, else run it here."""
+        t0 = time.perf_counter()
+        so = self.scheduler.schedule()
+        seconds = time.perf_counter() - t0
+        if so.is_empty:
+            return None
         if self.on_scheduled is not None:
             self.on_scheduled()
-        ro = self.runner.execute(so)
-        t2 = time.perf_counter()
-        outputs: list[RequestOutput] = failed
+        if not self.config.async_scheduling:
+            return _InFlight(so, seconds, ro=self.runner.execute(so))
+        prepared = self.runner.prepare(so)
+        if self._step_thread is None:
+            self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="qserve-step")
+        return _InFlight(so, seconds, future=self._step_thread.submit(self.runner.run, so, prepared))
+
+    def _apply(self, so: SchedulerOutput, ro: ModelRunnerOutput) -> list[NewToken]:
+        """Advance each scheduled sequence by its step; finish those its new token ids finish."""
+        new: list[NewToken] = []
         for s in so.scheduled:
             seq = s.seq
+            if seq.is_finished:  # aborted, or stopped by a stop string, after this step was launched
+                continue
             seq.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             if seq.prompt_logprobs is not None and seq.seq_id in ro.prompt_logprobs:
                 seq.prompt_logprobs.extend(ro.prompt_logprobs[seq.seq_id])
-            if seq.seq_id not in ro.sampled:
-                continue
-            outputs.append(self._append_token(seq, ro.sampled[seq.seq_id], ro.logprobs.get(seq.seq_id)))
-        t3 = time.perf_counter()
-        phases = {"schedule": t1 - t0, "detokenize": t3 - t2, "total": t3 - t0, **ro.seconds}
-        step = StepRecord(ro.forward_end, ro.device_seconds, phases)
-        # a gap counts only when this step followed the last one with no idle wait in between
-        gap = ro.forward_start - self._last_forward_end if self._pending_after_last else None
-        self.stats.record_step(so, step, gap)
-        self._last_forward_end = ro.forward_end
-        self._pending_after_last = self.scheduler.has_unfinished()
-        return outputs
+            if seq.seq_id in ro.sampled:
+                new.append(self._append_token(seq, ro.sampled[seq.seq_id], ro.logprobs.get(seq.seq_id)))
+        return new
 
     def _poll_grammars(self) -> list[RequestOutput]:
         """Mark sequences whose grammar finished compiling schedulable; finish those whose compile failed."""
@@ -290,22 +338,23 @@ class LLMEngine:
             elif g.error is not None:
                 logger.warning("request %s: %s", seq.request_id, g.error)
                 self._finish(seq, "abort")
-                failed.append(self._output(seq, "", []))
+                failed.append(request_output(seq, "", []))
         self._compiling = still
         return failed
 
-    def _append_token(self, seq: Sequence, token: int, logprob: Any) -> RequestOutput:
+    def _append_token(self, seq: Sequence, token: int, logprob: Any) -> NewToken:
+        """The fast half of a new token: everything the token id alone decides."""
         p = seq.params
+        detok = self.detok[seq.seq_id]
         if p.max_tokens == 0:  # prompt scoring only (echo): nothing is generated
-            self._finish(seq, "length")
-            return self._output(seq, "", [])
+            self._finish(seq, "length", retire=False)
+            return NewToken(seq, None, detok)
         seq.token_ids.append(token)
         if seq.logprobs is not None and logprob is not None:
             seq.logprobs.append(logprob)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         self.stats.generation_tokens_total += 1
-        delta = self.detok[seq.seq_id].step([token])
         reason = None
         if seq.grammar is not None and seq.grammar.matcher is not None:
             if not seq.grammar.accept(token):
@@ -316,45 +365,39 @@ class LLMEngine:
             reason = "stop"
         elif seq.num_tokens >= seq.max_total_tokens:
             reason = "length"
-        if p.stop and delta and seq.num_output_tokens >= p.min_tokens:  # vLLM: none before min_tokens
-            # search only the tail where a stop string could newly appear
-            text = seq.output_text + delta
-            tail_start = max(0, len(seq.output_text) - max(len(s) for s in p.stop) + 1)
-            hits = [i for s in p.stop if (i := text.find(s, tail_start)) >= 0]
-            if hits:
-                cut = min(hits)
-                delta = text[len(seq.output_text) : cut]
-                seq.output_text = text[:cut]
-                reason = "stop"
-            else:
-                seq.output_text = text
-        else:
-            seq.output_text += delta
         if reason is not None:
-            self._finish(seq, reason)
-        return self._output(seq, delta, [token])
+            self._finish(seq, reason, retire=False)  # emit retires it, after the last detokenization
+        return NewToken(seq, token, detok)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _emit(self, new: NewToken) -> RequestOutput:
+        """The slow half: detokenize, cut at a stop string (which finishes the sequence), build the output."""
+        seq, p = new.seq, new.seq.params
+        delta = ""
+        if new.token is not None:
+            delta = new.detok.step([new.token])
+            if p.stop and delta and seq.num_output_tokens >= p.min_tokens:  # vLLM: none before min_tokens
+                seq.output_text, delta, hit = cut_at_stop(seq.output_text, delta, p.stop)
+                if hit and seq.is_finished:  # EOS or max_tokens came with it: the stop string names it
+                    seq.finish_reason = "stop"
+                elif hit:
+                    self._finish(seq, "stop", retire=False)
+            else:
+                seq.output_text += delta
+        if seq.is_finished:
+            self._retire(seq)
+        return request_output(seq, delta, [] if new.token is None else [new.token])
+
+    def _finish(self, seq: Sequence, reason: str, retire: bool = True) -> None:
+        """Take a sequence out of the scheduler (its blocks freed) and, unless its last token is still to be
+        emitted, out of the engine's books."""
         self.scheduler.finish(seq, reason)
         self.seqs.pop(seq.request_id, None)
+        if retire:
+            self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
         self.detok.pop(seq.seq_id, None)
         self.stats.finished(seq)
-
-    def _output(self, seq: Sequence, delta: str, delta_ids: list[int]) -> RequestOutput:
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            text=seq.output_text,
-            token_ids=seq.output_token_ids,
-            finished=seq.is_finished,
-            finish_reason=seq.finish_reason,
-            delta_text=delta,
-            delta_token_ids=delta_ids,
-            logprobs=seq.logprobs,
-            prompt_logprobs=seq.prompt_logprobs,
-            num_cached_tokens=seq.num_cached_tokens,
-        )
 
     def metrics(self) -> dict[str, Any]:
         """The metrics of DESIGN §4 by name, without the ``qserve_`` prefix."""

@@ -46,6 +46,14 @@ class _Batch:
     compiled: bool  # padded to a bucket, for the compiled forward (else exact sizes, eager)
 
 
+@dataclass
+class PreparedStep:
+    """A step whose buffers are filled, ready to run."""
+
+    batch: _Batch
+    seconds: float  # host time the preparation took
+
+
 class ModelRunner:
     """Runs one SchedulerOutput: fills the step buffers, calls the (compiled or eager) forward, samples.
 
@@ -122,16 +130,28 @@ class ModelRunner:
             meta.max_decode_seq_len = max(seq_lens[:num_decodes], default=1)
         return _Batch(view.input_ids, view.positions, meta, logits_rows, qsl, shape is not None)
 
-    @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """Prepare and run one step here (the synchronous engine)."""
+        return self.run(so, self.prepare(so))
+
+    def prepare(self, so: SchedulerOutput) -> PreparedStep:
+        """Fill the step buffers. Reads the KV manager and the sequences, so it runs on the engine's thread
+        (under async scheduling, before the step is handed to the step thread)."""
+        t0 = time.perf_counter()
+        batch = self._prepare(so)
+        return PreparedStep(batch, time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def run(self, so: SchedulerOutput, prepared: PreparedStep) -> ModelRunnerOutput:
+        """Run the forward and sample; touches only the step's tensors, its sequences' sampling state and
+        token ids (which the engine leaves alone until the step's result is applied)."""
         out = ModelRunnerOutput()
         if (
             self.threads_for is not None
             and (n := self.threads_for(so.num_batched_tokens)) != torch.get_num_threads()
         ):
             torch.set_num_threads(n)
-        t0 = time.perf_counter()
-        batch = self._prepare(so)
+        batch = prepared.batch
         t1 = time.perf_counter()
         forward = self.compiled.forward if self.compiled is not None and batch.compiled else self.model
         events = None
@@ -158,7 +178,7 @@ class ModelRunner:
                     out.logprobs[seq.seq_id] = lp
         self._prompt_logprobs(so, hidden, batch.query_start_loc, out)
         t3 = time.perf_counter()
-        out.seconds = {"prepare": t1 - t0, "forward": t2 - t1, "sample": t3 - t2}
+        out.seconds = {"prepare": prepared.seconds, "forward": t2 - t1, "sample": t3 - t2}
         return out
 
     def _prompt_logprobs(

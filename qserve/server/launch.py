@@ -53,6 +53,7 @@ class ServeOptions:
     shutdown_timeout: int = 30  # seconds
     threads: int | None = None  # torch threads of the engine process; None: every core but one on CPU
     enforce_eager: bool = False  # no torch.compile (the default also follows QSERVE_ENFORCE_EAGER=1)
+    async_scheduling: bool = False  # overlap step N's output work with step N+1 (QSERVE_ASYNC_SCHEDULING=1)
     access_log: bool = True
     log_format: str = "text"  # text | json
     stats_interval: float = 10.0  # seconds between stats lines while busy; 0: none
@@ -173,6 +174,8 @@ def engine_config(opts: ServeOptions) -> EngineConfig:
         extra["max_num_seqs"] = planned_seqs
     if opts.enforce_eager:
         extra["enforce_eager"] = True
+    if opts.async_scheduling:
+        extra["async_scheduling"] = True
     return EngineConfig(
         model=opts.model,
         device=opts.device,
