@@ -62,3 +62,16 @@ def test_serve_errors_are_one_line_exit_2(plain_model: Path, tmp_path: Path) -> 
             assert r.returncode == 2, (args, r.stderr)
             lines = r.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+
+
+def test_step_loop_flags_reach_the_engine_config(plain_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qserve.server.launch import engine_config
+
+    monkeypatch.delenv("QSERVE_ENFORCE_EAGER", raising=False)
+    monkeypatch.delenv("QSERVE_ASYNC_SCHEDULING", raising=False)
+    plain = engine_config(ServeOptions(model=str(plain_model)))
+    assert (plain.enforce_eager, plain.async_scheduling) == (False, False)
+    both = engine_config(ServeOptions(model=str(plain_model), enforce_eager=True, async_scheduling=True))
+    assert (both.enforce_eager, both.async_scheduling) == (True, True)
+    monkeypatch.setenv("QSERVE_ASYNC_SCHEDULING", "1")
+    assert engine_config(ServeOptions(model=str(plain_model))).async_scheduling
