@@ -156,6 +156,10 @@ def _reduce_kernel(
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     num_splits = tl.cdiv(seq_len, partition_size)
     offs = tl.arange(0, HEAD_DIM)
+    out = out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs
+    if seq_len == 0:  # a padding sequence of a padded (CUDA graph) batch: zeros, not unwritten partials
+        tl.store(out, tl.zeros([HEAD_DIM], tl.float32).to(out_ptr.dtype.element_ty))
+        return
     pa = part_acc_ptr + seq.to(tl.int64) * stride_pa_t + head * stride_pa_h + offs
     pm = part_ml_ptr + seq.to(tl.int64) * stride_pm_t + head * stride_pm_h
 
@@ -174,7 +178,6 @@ def _reduce_kernel(
         l_sum = l_sum * alpha + l_s * beta
         m = m_new
 
-    out = out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs
     tl.store(out, (acc / l_sum).to(out_ptr.dtype.element_ty))
 
 

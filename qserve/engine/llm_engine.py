@@ -16,6 +16,7 @@ from qserve.cache.kv_cache import KVCacheSpec, resolve_kv_dtype
 from qserve.cache.kv_cache_manager import KVCacheManager
 from qserve.config import EngineConfig, ModelConfig, canonical_dtype, resolve_model_path
 from qserve.engine.compiled import CompiledForward, use_cache_dir
+from qserve.engine.cuda_graphs import CudaGraphRunner
 from qserve.engine.logits_processors import bad_words_token_ids
 from qserve.engine.metrics import EngineMetrics, StepRecord
 from qserve.engine.model_runner import ModelRunner, ModelRunnerOutput
@@ -123,6 +124,8 @@ class LLMEngine:
             logger.info("compiled the forward in %.1f s (inductor cache: %s)", seconds, use_cache_dir())
         if self.device.type == "cuda":
             self._check_activation_estimate(config, layout)
+            if not config.enforce_eager:
+                self._capture_graphs(caches, layout)
         self.eos_token_ids = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(int(self.tokenizer.eos_token_id))
@@ -154,6 +157,20 @@ class LLMEngine:
         return engine_kv_blocks(
             self.kv_spec, self.model_config, config, self.max_model_len, act_bytes, free, DEFAULT_CPU_KV_CAP
         )
+
+    def _capture_graphs(self, caches: list[torch.Tensor], layout: KVLayout) -> None:
+        """CUDA graphs of the decode buckets; a capture failure logs and leaves the engine eager."""
+        graphs = CudaGraphRunner(self.model, self.runner.buffers, caches, layout, self.max_model_len)
+        try:
+            seconds = graphs.capture()
+        except Exception as e:  # e.g. an op that syncs the host: eager still serves every step
+            logger.warning("CUDA graph capture failed, running eager: %s", e)
+            return
+        self.runner.graphs = graphs
+        logger.info(
+            "captured %d CUDA graphs (decode buckets %s) in %.1f s, %.0f MiB",
+            len(graphs.graphs), graphs.sizes, seconds, graphs.memory_bytes / 2**20,
+        )  # fmt: skip
 
     def _check_activation_estimate(self, config: EngineConfig, layout: KVLayout) -> None:
         """Profile one full-budget prefill step on the GPU and log where the planner's activation estimate

@@ -10,6 +10,7 @@ import torch
 
 from qserve.cache.kv_cache_manager import KVCacheManager
 from qserve.engine.compiled import CompiledForward
+from qserve.engine.cuda_graphs import CudaGraphRunner
 from qserve.engine.logits_processors import prepare_logits
 from qserve.engine.sampler import sample, token_logprob
 from qserve.engine.scheduler import SchedulerOutput
@@ -44,6 +45,7 @@ class _Batch:
     logits_rows: list[int]  # packed row whose logits are sampled, per sampling sequence
     query_start_loc: list[int]  # host copy, B + 1
     compiled: bool  # padded to a bucket, for the compiled forward (else exact sizes, eager)
+    graph: int | None = None  # CUDA: the captured decode bucket this step replays
 
 
 @dataclass
@@ -84,6 +86,7 @@ class ModelRunner:
         self.device = device
         self.buffers = StepBuffers(max_tokens, max_seqs, max_blocks, device)
         self.compiled = compiled
+        self.graphs: CudaGraphRunner | None = None  # CUDA: decode steps replay captured graphs
         # CPU: torch threads for a step of N tokens (None: leave torch's setting alone). A server sharing the
         # cores with its HTTP process gives decode steps one core fewer but big prefills every core.
         self.threads_for: Callable[[int], int] | None = None
@@ -114,6 +117,10 @@ class ModelRunner:
         shape = (
             self.compiled.shape_for(self.buffers, len(input_ids), len(seq_lens)) if self.compiled else None
         )
+        graph = None
+        if self.graphs is not None:
+            graph = self.graphs.bucket_for(len(input_ids), len(seq_lens), num_decodes)
+            shape = StepShape(graph, graph) if graph is not None else None
         view = self.buffers.fill(
             input_ids, positions, slots, seq_lens, qsl, tables,
             shape or StepShape(len(input_ids), len(seq_lens)),
@@ -128,7 +135,8 @@ class ModelRunner:
         if self.device.type == "cuda":  # launch sizes of the Triton kernels (eager, unpadded)
             meta.num_decodes = num_decodes
             meta.max_decode_seq_len = max(seq_lens[:num_decodes], default=1)
-        return _Batch(view.input_ids, view.positions, meta, logits_rows, qsl, shape is not None)
+        compiled = shape is not None and graph is None
+        return _Batch(view.input_ids, view.positions, meta, logits_rows, qsl, compiled, graph)
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         """Prepare and run one step here (the synchronous engine)."""
@@ -158,8 +166,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             events[0].record()
-        with step_plans():
-            hidden = forward(batch.ids, batch.positions, batch.meta, self.kv_caches)  # (T, H)
+        if batch.graph is not None and self.graphs is not None:
+            hidden = self.graphs.replay(batch.graph)  # (B, H), the padded decode bucket
+        else:
+            with step_plans():
+                hidden = forward(batch.ids, batch.positions, batch.meta, self.kv_caches)  # (T, H)
         sampling = [s.seq for s in so.scheduled if s.samples]
         logits = self.model.compute_logits(hidden[batch.logits_rows]) if sampling else None  # (S, V)
         if events is not None:

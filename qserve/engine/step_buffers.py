@@ -112,7 +112,11 @@ class StepBuffers:
             for k, dev in self.device_bufs.items():
                 rows = t if k in ("input_ids", "positions", "slot_mapping") else s + (k == "query_start_loc")
                 dev[:rows].copy_(self.host[k][:rows], non_blocking=True)
-        d = self.device_bufs
+        return self.view(shape)
+
+    def view(self, shape: StepShape) -> StepView:
+        """The device buffers at ``shape`` (what a captured graph reads, whatever step filled them)."""
+        t, s, d = shape.tokens, shape.seqs, self.device_bufs
         return StepView(
             d["input_ids"][:t],
             d["positions"][:t],

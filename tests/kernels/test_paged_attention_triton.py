@@ -466,3 +466,36 @@ def test_gpu_store_exact(bits: int) -> None:
     store_kv(k, v, want, slots, layout)
     store_kv_triton(k, v, got, slots, layout)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+@pytest.mark.parametrize("split", [None, 32])
+def test_padded_decode_batch_as_a_cuda_graph_runs_it(bits: int, split: int | None) -> None:
+    """A decode bucket as a captured graph launches it: every sequence row a decode (num_decodes = bucket),
+    padding sequences of length 0, the context split sized by a fixed bound (max blocks x block size), and
+    the padding tokens' slots -1. The real rows equal the unpadded reference; the cache is left as it was
+    except at the real tokens' slots."""
+    layout = KVLayout(16, 32, bits)
+    real_lens, bucket = [5, 40, 17], 8
+    q, cache, tables, _ = build(real_lens, [1, 1, 1], 4, 2, layout, torch.float32)
+    scale = layout.head_dim**-0.5
+    want = paged_attention_ref(q, cache, tables, real_lens, [0, 1, 2, 3], scale, layout)
+    pad = bucket - len(real_lens)
+    q_pad = torch.cat([q, torch.randn(pad, *q.shape[1:], device=DEVICE)])
+    tables_pad = torch.cat([tables, torch.zeros(pad, tables.shape[1], dtype=tables.dtype, device=DEVICE)])
+    lens = torch.tensor(real_lens + [0] * pad, dtype=torch.int32, device=DEVICE)
+    qsl = torch.tensor([0, 1, 2, 3] + [3] * pad, dtype=torch.int32, device=DEVICE)
+    before = cache.clone()
+    k = torch.randn(bucket, 2, layout.head_dim, device=DEVICE)
+    slots = torch.full((bucket,), -1, dtype=torch.int64, device=DEVICE)
+    store_kv_triton(k, k, cache, slots, layout)  # padding rows only: nothing written
+    assert torch.equal(cache.view(torch.uint8), before.view(torch.uint8))
+    config = AttentionConfig(decode_block_n=16, prefill_block_m=16, prefill_block_n=16, partition_size=split)
+    got = paged_attention_triton(
+        q_pad, cache, tables_pad, lens, qsl, bucket, scale, layout,
+        max_seq_len=tables.shape[1] * layout.block_size, config=config,
+    )  # fmt: skip
+    tol = TOL[torch.float32] * (50 if bits else 1)
+    torch.testing.assert_close(got[: len(real_lens)], want, atol=tol, rtol=tol)
+    if split is not None:  # the reduction writes zeros for a padding sequence, not unwritten partials
+        assert torch.equal(got[len(real_lens) :], torch.zeros_like(got[len(real_lens) :]))
