@@ -43,7 +43,11 @@ def test_no_server_errors(fuzz_server: ServerProcess) -> None:
         labels.append(op.label)
 
         @settings(
-            max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
         )
         @given(
             case=op.as_strategy(generation_mode=GenerationMode.POSITIVE)
