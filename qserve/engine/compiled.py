@@ -19,7 +19,6 @@ import torch
 from qserve.engine.step_buffers import StepBuffers, StepShape
 from qserve.kernels.attention import KVLayout
 from qserve.kernels.cpu_ops import step_plans
-from qserve.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("qserve")
 CACHE_DIR = Path.home() / ".cache" / "qserve" / "inductor"
@@ -72,11 +71,8 @@ class CompiledForward:
         t0 = time.perf_counter()
         for i, shape in enumerate(shapes, 1):
             progress(f"compiling the forward: graph {i}/{len(shapes)} ({shape.tokens} rows)")
-            view = buffers.fill([], [], [], [], [0], [], shape)
-            meta = AttentionMetadata(
-                view.slot_mapping, view.block_tables, view.seq_lens, view.query_start_loc, layout
-            )
+            view = buffers.fill_padding(shape)
             with torch.inference_mode(), step_plans():
-                self.forward(view.input_ids, view.positions, meta, kv_caches)
+                self.forward(view.input_ids, view.positions, view.metadata(layout), kv_caches)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds

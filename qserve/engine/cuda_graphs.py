@@ -52,7 +52,7 @@ class CudaGraphRunner:
 
     def meta(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         v = self.buffers.view(StepShape(bucket, bucket))
-        meta = AttentionMetadata(v.slot_mapping, v.block_tables, v.seq_lens, v.query_start_loc, self.layout)
+        meta = v.metadata(self.layout)
         meta.num_decodes, meta.max_decode_seq_len = bucket, self.max_seq_len
         return v.input_ids, v.positions, meta
 
@@ -63,7 +63,7 @@ class CudaGraphRunner:
         t0, free0 = time.perf_counter(), torch.cuda.mem_get_info()[0]
         self.pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.sizes):
-            self.buffers.fill([], [], [], [], [0], [], StepShape(b, b))  # all padding: the cache is untouched
+            self.buffers.fill_padding(StepShape(b, b))
             ids, pos, meta = self.meta(b)
             self.model(ids, pos, meta, self.kv_caches)
             torch.cuda.synchronize()

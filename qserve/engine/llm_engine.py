@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -393,7 +393,8 @@ class LLMEngine:
         if new.token is not None:
             delta = new.detok.step([new.token])
             if p.stop and delta and seq.num_output_tokens >= p.min_tokens:  # vLLM: none before min_tokens
-                seq.output_text, delta, hit = cut_at_stop(seq.output_text, delta, p.stop)
+                stops = cast(list[str], p.stop)  # SamplingParams made it a list
+                seq.output_text, delta, hit = cut_at_stop(seq.output_text, delta, stops)
                 if hit and seq.is_finished:  # EOS or max_tokens came with it: the stop string names it
                     seq.finish_reason = "stop"
                 elif hit:

@@ -125,13 +125,7 @@ class ModelRunner:
             input_ids, positions, slots, seq_lens, qsl, tables,
             shape or StepShape(len(input_ids), len(seq_lens)),
         )  # fmt: skip
-        meta = AttentionMetadata(
-            slot_mapping=view.slot_mapping,
-            block_tables=view.block_tables,
-            seq_lens=view.seq_lens,
-            query_start_loc=view.query_start_loc,
-            kv_layout=self.kv_layout,
-        )
+        meta = view.metadata(self.kv_layout)
         if self.device.type == "cuda":  # launch sizes of the Triton kernels (eager, unpadded)
             meta.num_decodes = num_decodes
             meta.max_decode_seq_len = max(seq_lens[:num_decodes], default=1)

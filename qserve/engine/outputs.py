@@ -25,11 +25,10 @@ class NewToken:
     detok: IncrementalDetokenizer
 
 
-def cut_at_stop(old_text: str, delta: str, stop: list[str] | str) -> tuple[str, str, bool]:
+def cut_at_stop(old_text: str, delta: str, stops: list[str]) -> tuple[str, str, bool]:
     """(text, delta, hit): ``old_text + delta`` cut before its first stop string, what of it is new, and
     whether a stop string was found. A stop string may begin in ``old_text``: the text then gets shorter.
     Only the tail where a stop string could newly appear is searched."""
-    stops = [stop] if isinstance(stop, str) else stop
     text = old_text + delta
     tail_start = max(0, len(old_text) - max(len(s) for s in stops) + 1)
     hits = [i for s in stops if (i := text.find(s, tail_start)) >= 0]

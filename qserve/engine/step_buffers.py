@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qserve.kernels.attention import KVLayout
+from qserve.layers.attention import AttentionMetadata
+
 
 def token_buckets(max_tokens: int) -> tuple[int, ...]:
     """Padded token counts, ascending, the last one ``max_tokens`` (vLLM's capture-size progression)."""
@@ -39,6 +42,11 @@ class StepView:
     seq_lens: torch.Tensor  # (S,) int32, 0 on padding sequences
     query_start_loc: torch.Tensor  # (S + 1,) int32
     block_tables: torch.Tensor  # (S, max_blocks) int32
+
+    def metadata(self, layout: KVLayout) -> AttentionMetadata:
+        return AttentionMetadata(
+            self.slot_mapping, self.block_tables, self.seq_lens, self.query_start_loc, layout
+        )
 
 
 class StepBuffers:
@@ -113,6 +121,10 @@ class StepBuffers:
                 rows = t if k in ("input_ids", "positions", "slot_mapping") else s + (k == "query_start_loc")
                 dev[:rows].copy_(self.host[k][:rows], non_blocking=True)
         return self.view(shape)
+
+    def fill_padding(self, shape: StepShape) -> StepView:
+        """An all-padding step (warm-up, capture): no KV write, nothing attended, the cache untouched."""
+        return self.fill([], [], [], [], [0], [], shape)
 
     def view(self, shape: StepShape) -> StepView:
         """The device buffers at ``shape`` (what a captured graph reads, whatever step filled them)."""
