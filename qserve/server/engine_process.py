@@ -19,12 +19,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qserve.errors import QServeError
-from qserve.server.engine_core import EngineInfo, StepUpdate, Update, run_engine_core
+from qserve.server.engine_core import Channel, EngineInfo, StepUpdate, Update, run_engine_core
 from qserve.server.engine_thread import Delta, EngineRequest, RequestGroup, check_admission, deliver
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
-
     from qserve.config import EngineConfig
 
 logger = logging.getLogger("qserve.server")
@@ -73,7 +71,7 @@ class EngineProcess:
         self._texts: dict[str, str] = {}  # request id -> output text so far
         self._outbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self._proc: Any = None
-        self._conn: Connection | None = None
+        self._conn: Channel | None = None
         self._stopped = threading.Event()
 
     # ------------------------------------------------------------------ any thread
@@ -82,7 +80,9 @@ class EngineProcess:
         if self._info is not None:
             return self._info
         ctx = mp.get_context("spawn")  # never fork a process that may hold OpenMP / tokenizer threads
-        conn, child = ctx.Pipe()
+        down_rx, down_tx = ctx.Pipe(duplex=False)  # parent -> child
+        up_rx, up_tx = ctx.Pipe(duplex=False)  # child -> parent
+        conn, child = Channel(up_rx, down_tx), Channel(down_rx, up_tx)
         args = (child, self.config, self.threads, self.max_queue, self.prefill_threads, self.log_format)
         self._proc = ctx.Process(target=run_engine_core, args=args, name="qserve-engine", daemon=True)
         self._proc.start()
