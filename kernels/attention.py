@@ -40,10 +40,12 @@ def store_kv(
     if layout is not None and layout.bits:
         store_kv_quant(k, v, kv_cache, slot_mapping, layout.block_size, layout.bits)
         return
-    _, hkv, nb, bs, d = kv_cache.shape
-    flat = kv_cache.view(2, hkv, nb * bs, d)  # (2, Hkv, slots, D)
-    flat[0].index_copy_(1, slot_mapping, k.transpose(0, 1).to(kv_cache.dtype))
-    flat[1].index_copy_(1, slot_mapping, v.transpose(0, 1).to(kv_cache.dtype))
+    bs = kv_cache.shape[3]
+    # one scatter for K and V; under torch.compile it updates the cache in place (index_copy_ on a view
+    # of it makes inductor copy the whole cache)
+    kv_cache[:, :, slot_mapping // bs, slot_mapping % bs] = (
+        torch.stack((k, v)).transpose(1, 2).to(kv_cache.dtype)
+    )  # (2, Hkv, T, D)
 
 
 def block_rows(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:

@@ -75,15 +75,29 @@ def store_kv_quant(
     block_size: int,
     bits: int,
 ) -> None:
-    """Quantize new keys/values (T, Hkv, D) and write them, with their scales, into their slots."""
+    """Quantize new keys/values (T, Hkv, D) and write them, with their scales, into their slots.
+
+    One scatter of whole bytes into the cache viewed as (2, Hkv, num_blocks * block_bytes): each token's
+    values, then its scale and zero as fp16 byte pairs. (Written this way, torch.compile updates the cache
+    in place; assigning through the dtype views of `_split` makes it copy the whole cache.)
+    """
     head_dim = k.shape[-1]
-    values, scales, zeros = _split(kv_cache, block_size, head_dim, bits)  # (2, Hkv, nb, ...)
+    dq, row = packed_dim(head_dim, bits), kv_cache.shape[-1]
+    vbytes = block_size * dq
+    q, scale, zero = quantize(torch.stack((k, v)).transpose(1, 2), bits)  # (2, Hkv, T, Dq), (2, Hkv, T) x 2
+    scale_zero = torch.stack((scale, zero), -1).view(torch.uint8)  # (2, Hkv, T, 4): scale, zero bytes
     blk, off = slot_mapping // block_size, slot_mapping % block_size
-    for i, x in enumerate((k, v)):
-        q, s, z = quantize(x.transpose(0, 1), bits)  # (Hkv, T, Dq), (Hkv, T)
-        values[i][:, blk, off] = q
-        scales[i][:, blk, off] = s
-        zeros[i][:, blk, off] = z
+    base = (blk * row)[:, None]  # (T, 1): byte offset of the token's block row
+    pair = torch.arange(2, device=slot_mapping.device)
+    where = torch.cat(
+        (
+            base + off[:, None] * dq + torch.arange(dq, device=slot_mapping.device),  # values
+            base + vbytes + 2 * off[:, None] + pair,  # fp16 scale
+            base + vbytes + 2 * block_size + 2 * off[:, None] + pair,  # fp16 zero
+        ),
+        -1,
+    )  # (T, Dq + 4) byte offsets
+    kv_cache.view(2, kv_cache.shape[1], -1)[:, :, where] = torch.cat((q, scale_zero), -1)
 
 
 def integer_rows(

@@ -43,7 +43,14 @@ class CompiledForward:
         # dynamo's per-code cache limit (8) would otherwise stop the fifth LLM() of a process
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.max_tokens = max_tokens
-        self.forward: Callable[..., torch.Tensor] = torch.compile(model, dynamic=True, fullgraph=True)
+        # decode-only steps run their attention as plain torch ops inside the graph (kernels.attention_graph);
+        # QSERVE_DECODE_GRAPH=0 keeps them on the custom op (for A/B measurements)
+        self.decode_graph = os.environ.get("QSERVE_DECODE_GRAPH", "1") != "0"
+        # emulate_precision_casts: round where the model casts to bf16/fp16, as eager does (inductor would
+        # keep fp32 there), so int8/int4 KV quantizes to the same codes compiled and eager
+        self.forward: Callable[..., torch.Tensor] = torch.compile(
+            model, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
+        )
         self.warmup_seconds = 0.0
 
     def shape_for(self, buffers: StepBuffers, tokens: int, seqs: int) -> StepShape | None:
@@ -58,21 +65,32 @@ class CompiledForward:
         layout: KVLayout,
         progress: Callable[[str], None] = logger.info,
     ) -> float:
-        """Compile every graph shape before the first request: batch-1 decode, and the symbolic-size graph.
+        """Compile every graph shape before the first request: batch-1 decode, the symbolic-size decode graph
+        (`decode_graph`), and the symbolic-size graph of every other step.
 
-        The warm-up batches are all padding (no KV write, nothing attended), so the cache is untouched.
-        Distinct sizes for token rows and sequences keep torch from assuming they are equal.
+        The warm-up batches are all padding: nothing is attended, and no KV is written except, in the decode
+        graphs, the last slot of the cache (padding rows repeat row 0's slot, -1 here), which holds nothing
+        yet. Distinct sizes for token rows, sequences and table widths keep torch from assuming they are
+        equal (it would then guard on the equality and recompile at serving time).
         """
-        shapes = [StepShape(1, 1)]
+        # (shape, decode graph): the decode graphs only at shapes a decode-only step can take (tokens == seqs)
+        shapes = [(StepShape(1, 1), self.decode_graph)]
+        decode_seqs = [b for b in buffers.buckets if 2 <= b <= buffers.max_seqs]
+        if self.decode_graph and decode_seqs:
+            shapes.append((StepShape(decode_seqs[-1], decode_seqs[-1]), True))
         if buffers.max_tokens >= 4 and len(buffers.buckets) > 2:
             # the largest shape: inductor sizes its loops (and whether to parallelize them) by these hints
             seqs = max(min(buffers.max_seqs, buffers.max_tokens - 1), 2)
-            shapes.append(StepShape(buffers.max_tokens, seqs))
+            shapes.append((StepShape(buffers.max_tokens, seqs), False))
         t0 = time.perf_counter()
-        for i, shape in enumerate(shapes, 1):
+        for i, (shape, decode) in enumerate(shapes, 1):
             progress(f"compiling the forward: graph {i}/{len(shapes)} ({shape.tokens} rows)")
             view = buffers.fill_padding(shape)
+            meta = view.metadata(layout)
+            if decode:
+                width = 3 if buffers.max_blocks >= 3 and shape.seqs != 3 else buffers.max_blocks
+                meta.block_tables, meta.decode_graph = meta.block_tables[:, :width], True
             with torch.inference_mode(), step_plans():
-                self.forward(view.input_ids, view.positions, view.metadata(layout), kv_caches)
+                self.forward(view.input_ids, view.positions, meta, kv_caches)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from qserve.engine.sampler import sample, token_logprob
 from qserve.engine.scheduler import SchedulerOutput
 from qserve.engine.step_buffers import StepBuffers, StepShape
 from qserve.kernels.attention import KVLayout
+from qserve.kernels.attention_graph import decode_table_width
 from qserve.kernels.cpu_ops import step_plans
 from qserve.layers.attention import AttentionMetadata
 from qserve.models.registry import CausalLM
@@ -46,6 +48,15 @@ class _Batch:
     query_start_loc: list[int]  # host copy, B + 1
     compiled: bool  # padded to a bucket, for the compiled forward (else exact sizes, eager)
     graph: int | None = None  # CUDA: the captured decode bucket this step replays
+
+    @property
+    def path(self) -> str:
+        """How the step runs: "cuda_graph", "decode_graph" (compiled, attention fused), "compiled", "eager"."""
+        if self.graph is not None:
+            return "cuda_graph"
+        if self.compiled:
+            return "decode_graph" if self.meta.decode_graph else "compiled"
+        return "eager"
 
 
 @dataclass
@@ -90,6 +101,7 @@ class ModelRunner:
         # CPU: torch threads for a step of N tokens (None: leave torch's setting alone). A server sharing the
         # cores with its HTTP process gives decode steps one core fewer but big prefills every core.
         self.threads_for: Callable[[int], int] | None = None
+        self.steps_by_path: Counter[str] = Counter()  # `_Batch.path` -> steps run that way
 
     def _prepare(self, so: SchedulerOutput) -> _Batch:
         bs = self.block_size
@@ -130,6 +142,16 @@ class ModelRunner:
             meta.num_decodes = num_decodes
             meta.max_decode_seq_len = max(seq_lens[:num_decodes], default=1)
         compiled = shape is not None and graph is None
+        if (
+            compiled
+            and self.compiled is not None
+            and self.compiled.decode_graph
+            and num_decodes == len(seq_lens)
+            and shape is not None
+            and shape.tokens == shape.seqs
+        ):
+            width = decode_table_width(max(seq_lens), bs, self.buffers.max_blocks)
+            meta.block_tables, meta.decode_graph = meta.block_tables[:, :width], True
         return _Batch(view.input_ids, view.positions, meta, logits_rows, qsl, compiled, graph)
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -154,6 +176,7 @@ class ModelRunner:
         ):
             torch.set_num_threads(n)
         batch = prepared.batch
+        self.steps_by_path[batch.path] += 1
         t1 = time.perf_counter()
         forward = self.compiled.forward if self.compiled is not None and batch.compiled else self.model
         events = None

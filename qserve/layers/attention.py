@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from qserve.kernels.attention import KVLayout
+from qserve.kernels.attention_graph import decode_attention_graph, store_kv_graph
 from qserve.kernels.cpu_ops import paged_attention_cpu_op
 
 
@@ -28,6 +29,9 @@ class AttentionMetadata:
     # CUDA launch parameters (the Triton kernels size their grids with them; unpadded batches only)
     num_decodes: int = 0
     max_decode_seq_len: int = 1  # the longest decode context: sizes the Triton decode split
+    # CPU compiled decode-only step (one query per sequence, token rows == sequence rows, block tables cut
+    # to one width): attention in plain torch ops that inductor fuses (kernels.attention_graph)
+    decode_graph: bool = False
 
 
 class Attention(nn.Module):
@@ -65,6 +69,11 @@ class Attention(nn.Module):
                     self.sliding_window,
                     max_seq_len=meta.max_decode_seq_len,
                 )
+        if meta.decode_graph:
+            store_kv_graph(k, v, kv_cache, meta.slot_mapping, layout)
+            return decode_attention_graph(
+                q, kv_cache, meta.block_tables, meta.seq_lens, self.scale, layout, self.sliding_window or 0
+            )
         return paged_attention_cpu_op(
             q,
             k,

@@ -68,6 +68,8 @@ def check_same_tokens(path: Path, **kw: object) -> LLM:
     compiled = LLM(str(path), enforce_eager=False, **args)  # type: ignore[arg-type]
     assert compiled.engine.runner.compiled is not None and eager.engine.runner.compiled is None
     assert run(compiled) == run(eager)
+    steps = compiled.engine.runner.steps_by_path
+    assert steps["decode_graph"] > 0 and steps["compiled"] > 0, steps  # both compiled graphs ran
     assert compiled.metrics()["preemptions_total"] > 0  # the budget did force recompute preemption
     assert compiled.metrics()["prefix_cache_hit_rate"] > 0
     for llm in (compiled, eager):
@@ -92,11 +94,18 @@ def test_compiled_matches_eager_int4_weights(tiny_llama: Path, tmp_path: Path) -
     assert llm.engine.runner.buffers.padded_shape(3, 3) == StepShape(4, 4)
 
 
-def explain(llm: LLM) -> object:
+def explain(llm: LLM, decode: bool) -> object:
+    """Dynamo's account of the forward on a mixed step, or on a decode-only step (two decodes padded to 4
+    rows, tables cut to 2 blocks) as the compiled decode graph runs it."""
     runner = llm.engine.runner
-    view = runner.buffers.fill([1, 2, 3], [0, 1, 2], [0, 1, 2], [3], [0, 3], [[0]], StepShape(4, 3))
-    meta = AttentionMetadata(view.slot_mapping, view.block_tables, view.seq_lens, view.query_start_loc,
-                             runner.kv_layout)  # fmt: skip
+    if decode:
+        view = runner.buffers.fill([1, 2], [4, 7], [4, 23], [5, 8], [0, 1, 2], [[0], [1]], StepShape(4, 4))
+        meta = view.metadata(runner.kv_layout)
+        meta.block_tables, meta.decode_graph = meta.block_tables[:, :2], True
+    else:
+        view = runner.buffers.fill([1, 2, 3], [0, 1, 2], [0, 1, 2], [3], [0, 3], [[0]], StepShape(4, 3))
+        meta = AttentionMetadata(view.slot_mapping, view.block_tables, view.seq_lens, view.query_start_loc,
+                                 runner.kv_layout)  # fmt: skip
     with torch.inference_mode(), step_plans():
         return torch._dynamo.explain(runner.model)(view.input_ids, view.positions, meta, runner.kv_caches)
 
@@ -113,16 +122,18 @@ def explain(llm: LLM) -> object:
 )
 def test_no_graph_breaks(arch: str, kw: dict[str, str], tiny_model_factory: Callable[..., Path]) -> None:
     llm = LLM(str(tiny_model_factory(arch)), enforce_eager=True, kv_cache_memory=1 << 20, **kw)
-    ex = explain(llm)
-    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons  # type: ignore[attr-defined]
+    for decode in (False, True):
+        ex = explain(llm, decode)
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("weights", ["int4", "int8"])
 def test_no_graph_breaks_quantized_weights(weights: str, tiny_llama: Path, tmp_path: Path) -> None:
     q = convert(tiny_llama, tmp_path / weights, weights=weights, group_size=32, progress=False)
     llm = LLM(str(q), enforce_eager=True, kv_cache_memory=1 << 20)
-    ex = explain(llm)
-    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons  # type: ignore[attr-defined]
+    for decode in (False, True):
+        ex = explain(llm, decode)
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons  # type: ignore[attr-defined]
 
 
 def test_enforce_eager_env_default(monkeypatch: pytest.MonkeyPatch) -> None:
