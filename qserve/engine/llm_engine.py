@@ -30,6 +30,7 @@ from qserve.layers.attention import AttentionMetadata
 from qserve.layers.linear import prepack_cpu_linears
 from qserve.models.loader import load_model, torch_dtype
 from qserve.planner import engine_kv_blocks
+from qserve.planner_step import cuda_graph_pool_bytes
 from qserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 from qserve.types import RequestOutput, SamplingParams
 
@@ -155,8 +156,16 @@ class LLMEngine:
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         act_bytes = torch_dtype(self.dtype_name).itemsize
         return engine_kv_blocks(
-            self.kv_spec, self.model_config, config, self.max_model_len, act_bytes, free, DEFAULT_CPU_KV_CAP
-        )
+            self.kv_spec, self.model_config, config, self.max_model_len, act_bytes, free, DEFAULT_CPU_KV_CAP,
+            self._weights_kind(),
+        )  # fmt: skip
+
+    def _weights_kind(self) -> str:
+        """int8 | int4 | nf4 | fp4 for a quantized checkpoint, else float (the graph pool's matmul scratch)."""
+        from qserve.kernels.packing import QuantSpec
+
+        spec = QuantSpec.from_config(self.model_config.quantization)
+        return spec.weights if spec is not None else "float"
 
     def _capture_graphs(self, caches: list[torch.Tensor], layout: KVLayout) -> None:
         """CUDA graphs of the decode buckets; a capture failure logs and leaves the engine eager."""
@@ -167,10 +176,23 @@ class LLMEngine:
             logger.warning("CUDA graph capture failed, running eager: %s", e)
             return
         self.runner.graphs = graphs
-        logger.info(
-            "captured %d CUDA graphs (decode buckets %s) in %.1f s, %.0f MiB",
-            len(graphs.graphs), graphs.sizes, seconds, graphs.memory_bytes / 2**20,
+        c = self.config
+        planned = cuda_graph_pool_bytes(
+            self.model_config, c.max_num_seqs, c.max_num_batched_tokens, self.max_model_len,
+            torch_dtype(self.dtype_name).itemsize, self._weights_kind(),
         )  # fmt: skip
+        logger.info(
+            "captured %d CUDA graphs (decode buckets %s) in %.1f s: pool %.1f MiB measured, %.1f MiB planned "
+            "(%.1f MiB of device memory in all)",
+            len(graphs.graphs), graphs.sizes, seconds, graphs.memory_bytes / 2**20, planned / 2**20,
+            graphs.device_bytes / 2**20,
+        )  # fmt: skip
+        if graphs.memory_bytes > planned:
+            logger.warning(
+                "CUDA graph pool: measured %d B, above the planned %d B; the KV pool was sized with the "
+                "estimate, so the device has %d B less headroom than planned",
+                graphs.memory_bytes, planned, graphs.memory_bytes - planned,
+            )  # fmt: skip
 
     def _check_activation_estimate(self, config: EngineConfig, layout: KVLayout) -> None:
         """Profile one full-budget prefill step on the GPU and log where the planner's activation estimate

@@ -10,12 +10,36 @@ sampled; padding sequences have length 0 and an empty query range (kernels.cpu_o
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 import torch
 
 from qserve.kernels.attention import KVLayout
 from qserve.layers.attention import AttentionMetadata
+
+
+def buffer_shapes(
+    max_tokens: int, max_seqs: int, max_blocks: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every device buffer :class:`StepBuffers` allocates (the planner counts
+    these same shapes, so its byte count is the allocation's)."""
+    return {
+        "input_ids": ((max_tokens,), torch.int64),
+        "positions": ((max_tokens,), torch.int64),
+        "slot_mapping": ((max_tokens,), torch.int64),
+        "seq_lens": ((max_seqs,), torch.int32),
+        "query_start_loc": ((max_seqs + 1,), torch.int32),
+        "block_tables": ((max_seqs, max_blocks), torch.int32),
+        # per decode row: the row of the last step's sampled tokens its input token is, or -1 (from the host)
+        "token_src": ((max_seqs,), torch.int64),
+    }
+
+
+def step_buffer_bytes(max_tokens: int, max_seqs: int, max_blocks: int) -> int:
+    """Device bytes of the step buffers (on CUDA the pinned host staging doubles them in host memory)."""
+    shapes = buffer_shapes(max_tokens, max_seqs, max_blocks)
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
 
 
 def token_buckets(max_tokens: int) -> tuple[int, ...]:
@@ -63,14 +87,7 @@ class StepBuffers:
         self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
         self.buckets = token_buckets(max_tokens)
         pin = device.type == "cuda"
-        shapes = {
-            "input_ids": ((max_tokens,), torch.int64),
-            "positions": ((max_tokens,), torch.int64),
-            "slot_mapping": ((max_tokens,), torch.int64),
-            "seq_lens": ((max_seqs,), torch.int32),
-            "query_start_loc": ((max_seqs + 1,), torch.int32),
-            "block_tables": ((max_seqs, max_blocks), torch.int32),
-        }
+        shapes = buffer_shapes(max_tokens, max_seqs, max_blocks)
         self.host = {k: torch.zeros(s, dtype=d, pin_memory=pin) for k, (s, d) in shapes.items()}
         self.np = {k: t.numpy() for k, t in self.host.items()}
         self.device_bufs = (
@@ -118,9 +135,22 @@ class StepBuffers:
             bt[b:s] = 0
         if self.device_bufs is not self.host:  # CUDA: one async copy per buffer from pinned memory
             for k, dev in self.device_bufs.items():
+                if k == "token_src":
+                    continue  # written by `token_sources`
                 rows = t if k in ("input_ids", "positions", "slot_mapping") else s + (k == "query_start_loc")
                 dev[:rows].copy_(self.host[k][:rows], non_blocking=True)
         return self.view(shape)
+
+    def token_sources(self, rows: list[int]) -> torch.Tensor:
+        """Write, for the step's first ``len(rows)`` token rows, the row of the last step's sampled tokens
+        each takes its input token from (-1: the host wrote it); returns the device view (R,) int64."""
+        n = len(rows)
+        assert n <= self.max_seqs, (n, self.max_seqs)
+        self.np["token_src"][:n] = rows
+        dev = self.device_bufs["token_src"][:n]
+        if self.device_bufs is not self.host:
+            dev.copy_(self.host["token_src"][:n], non_blocking=True)
+        return dev
 
     def fill_padding(self, shape: StepShape) -> StepView:
         """An all-padding step (warm-up, capture): no KV write, nothing attended, the cache untouched."""
