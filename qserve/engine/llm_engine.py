@@ -58,10 +58,11 @@ class _InFlight:
     future: Future[ModelRunnerOutput] | None = None
 
     def result(self) -> ModelRunnerOutput:
+        """The step's output with its sampled ids on the host (waits for their copy)."""
         if self.ro is None:
             assert self.future is not None
             self.ro = self.future.result()
-        return self.ro
+        return self.ro.resolve()
 
 
 class LLMEngine:
