@@ -79,6 +79,10 @@ def test_greedy_identical_with_device_tokens(async_scheduling: bool, tiny_llama:
     seeded = workload(seeded=True)
     assert outputs(device, *seeded) == outputs(host, *seeded)
     assert device.engine.runner.device_token_rows > 0 and host.engine.runner.device_token_rows == 0
+    # async: the next step launched before this one's tokens reached the host (the placeholders the
+    # scatter overwrites); sync never does
+    assert (device.engine.steps_ahead > 0) == async_scheduling and host.engine.steps_ahead == 0
+    assert all(not q.token_pending for q in device.engine.seqs.values()) and not device.engine.seqs
 
 
 def test_runner_plans_device_rows(tiny_llama: Path) -> None:
@@ -116,3 +120,42 @@ def test_compiled_forward_reads_device_tokens(tiny_llama: Path) -> None:
     assert outputs(compiled, prompts, params) == outputs(host, prompts, params)
     assert compiled.engine.runner.device_token_rows > 0
     torch._dynamo.reset()
+
+
+def test_look_ahead_with_stop_tokens_penalties_and_aborts(tiny_llama: Path) -> None:
+    """Sequences that stop on a token while the next step is already in flight (their extra step dropped),
+    penalties (which need the host token: no look-ahead while such a sequence samples), max_tokens 0
+    scoring and an abort between steps: the same outputs as the synchronous host path."""
+    host, _ = _engines(tiny_llama, async_scheduling=False)
+    _, device = _engines(tiny_llama, async_scheduling=True)
+    prompts, base = workload(seeded=False)
+    greedy = host.generate(prompt_token_ids=prompts, sampling_params=base)
+    params = []
+    for i, o in enumerate(greedy):
+        out = o.token_ids
+        stop = [out[5 + i]] if i % 2 == 0 else None  # stops mid-output (first occurrence wins)
+        pen = 1.3 if i == 3 else 1.0
+        params.append(SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=stop, repetition_penalty=pen,
+                                     ignore_eos=True))  # fmt: skip
+    params[5] = SamplingParams(max_tokens=0, prompt_logprobs=1)
+    want = outputs(host, prompts, params)
+    assert any(w[2] == "stop" for w in want)
+    ahead = device.engine.steps_ahead
+    assert outputs(device, prompts, params) == want
+    assert device.engine.steps_ahead > ahead
+    # an abort between two steps (one launched ahead in flight): the others unchanged, nothing leaks
+    eng = device.engine
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        eng.add_request(str(i), None, sp, prompt_token_ids=p)
+    seen: dict[str, list[int]] = {}
+    steps = 0
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            seen[o.request_id] = o.token_ids
+        steps += 1
+        if steps == 6 and "2" in eng.seqs:
+            eng.abort_request("2")
+    for i, w in enumerate(want):
+        if i != 2:
+            assert seen[str(i)] == w[0], i
+    assert eng.kv.block_tables == {} and eng.seqs == {} and eng.detok == {}
