@@ -159,3 +159,30 @@ def test_look_ahead_with_stop_tokens_penalties_and_aborts(tiny_llama: Path) -> N
         if i != 2:
             assert seen[str(i)] == w[0], i
     assert eng.kv.block_tables == {} and eng.seqs == {} and eng.detok == {}
+
+
+@pytest.mark.gpu
+def test_scatter_and_host_copy_on_cuda() -> None:
+    dev = torch.device("cuda")
+    ids = torch.arange(10, 18, device=dev)
+    sampled = torch.tensor([101, 102, 103], device=dev)
+    scatter_tokens(ids, sampled, torch.tensor([2, -1, 0], device=dev))
+    assert ids.tolist() == [103, 11, 101, 13, 14, 15, 16, 17]
+    h = HostTokens(sampled * 2)
+    assert h.event is not None and h.host.is_pinned()
+    assert h.tolist() == [202, 204, 206] and h.ready()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_cuda_graphs_with_device_tokens_match_host_eager(async_scheduling: bool, tiny_llama: Path) -> None:
+    """On CUDA device tokens are the default: graphs + scatter (+ look-ahead) against eager on the host."""
+    args = {**ENGINE, "device": "cuda", "kv_cache_memory": tight_kv(tiny_llama, "auto")}
+    host = LLM(str(tiny_llama), enforce_eager=True, **args)  # type: ignore[arg-type]
+    host.engine.runner.device_tokens = False
+    fast = LLM(str(tiny_llama), enforce_eager=False, async_scheduling=async_scheduling, **args)  # type: ignore[arg-type]
+    assert fast.engine.runner.device_tokens and fast.engine.runner.graphs is not None
+    prompts, params = workload(seeded=False)
+    assert outputs(fast, prompts, params) == outputs(host, prompts, params)
+    assert fast.engine.runner.device_token_rows > 0
+    assert (fast.engine.steps_ahead > 0) == async_scheduling
