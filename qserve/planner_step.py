@@ -2,8 +2,9 @@
 
 * step buffers (exact): the device buffers :class:`qserve.engine.step_buffers.StepBuffers` allocates for
   ``max_num_batched_tokens`` token rows, ``max_num_seqs`` sequence rows and ``cdiv(max_model_len,
-  block_size)`` blocks per sequence: ``24 T + 4 (2 S + 1 + S * blocks) + 8 S`` bytes (int64 ids, positions,
-  slots and token sources; int32 lengths, query offsets and block tables), counted from the same shape table.
+  block_size)`` blocks per sequence: ``24 T + 4 (2 S + 1 + S * blocks) + 16 S`` bytes (int64 ids, positions,
+  slots, token sources and logits rows; int32 lengths, query offsets and block tables), counted from the
+  same shape table.
 * CUDA graph pool (an estimate, CUDA without --enforce-eager only): every decode bucket's graph
   (:func:`qserve.engine.cuda_graphs.capture_sizes`) shares one pool, captured largest first, so the pool
   holds the transient peak of the largest bucket's forward (B = its rows) plus every graph's output

@@ -222,7 +222,13 @@ class ModelRunner:
             with step_plans():
                 hidden = forward(batch.ids, batch.positions, batch.meta, self.kv_caches)  # (T, H)
         sampling = [s.seq for s in so.scheduled if s.samples]
-        logits = self.model.compute_logits(hidden[batch.logits_rows]) if sampling else None  # (S, V)
+        logits = None
+        if sampling:
+            rows = batch.logits_rows
+            picked = (
+                hidden[: len(rows)] if rows[-1] == len(rows) - 1 else hidden[self.buffers.rows_index(rows)]
+            )
+            logits = self.model.compute_logits(picked)  # (S, V); decode-only: the first S rows, no index
         if events is not None:
             events[1].record()  # read in ModelRunnerOutput.resolve: no host sync here
         t2 = time.perf_counter()

@@ -33,6 +33,7 @@ def buffer_shapes(
         "block_tables": ((max_seqs, max_blocks), torch.int32),
         # per decode row: the row of the last step's sampled tokens its input token is, or -1 (from the host)
         "token_src": ((max_seqs,), torch.int64),
+        "logits_rows": ((max_seqs,), torch.int64),  # the hidden row each sampled sequence's logits come from
     }
 
 
@@ -135,8 +136,8 @@ class StepBuffers:
             bt[b:s] = 0
         if self.device_bufs is not self.host:  # CUDA: one async copy per buffer from pinned memory
             for k, dev in self.device_bufs.items():
-                if k == "token_src":
-                    continue  # written by `token_sources`
+                if k in ("token_src", "logits_rows"):
+                    continue  # written by `token_sources` / `rows_index`
                 rows = t if k in ("input_ids", "positions", "slot_mapping") else s + (k == "query_start_loc")
                 dev[:rows].copy_(self.host[k][:rows], non_blocking=True)
         return self.view(shape)
@@ -150,6 +151,17 @@ class StepBuffers:
         dev = self.device_bufs["token_src"][:n]
         if self.device_bufs is not self.host:
             dev.copy_(self.host["token_src"][:n], non_blocking=True)
+        return dev
+
+    def rows_index(self, rows: list[int]) -> torch.Tensor:
+        """The hidden rows whose logits are sampled, as a device index (R,) int64 (a pinned async copy on
+        CUDA: indexing with a list would copy it synchronously, a host sync per step)."""
+        n = len(rows)
+        assert n <= self.max_seqs, (n, self.max_seqs)
+        self.np["logits_rows"][:n] = rows
+        dev = self.device_bufs["logits_rows"][:n]
+        if self.device_bufs is not self.host:
+            dev.copy_(self.host["logits_rows"][:n], non_blocking=True)
         return dev
 
     def fill_padding(self, shape: StepShape) -> StepView:
