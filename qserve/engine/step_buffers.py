@@ -74,6 +74,9 @@ class StepView:
         )
 
 
+_FILLED = ("input_ids", "positions", "slot_mapping", "seq_lens", "query_start_loc", "block_tables")
+
+
 class StepBuffers:
     """Host staging (numpy views, pinned on CUDA) and device buffers, allocated once.
 
@@ -95,6 +98,23 @@ class StepBuffers:
             self.host if not pin else {k: torch.zeros_like(t, device=device) for k, t in self.host.items()}
         )
         self.nbytes = sum(t.numel() * t.element_size() for t in self.device_bufs.values())
+        # CUDA: per staging buffer, the event after its last async copy. A copy reads the pinned memory when
+        # it runs, so the next write waits for it (with the async look-ahead a step is filled while the one
+        # before may still wait for its copies; those run as soon as the step before that is done)
+        self._copied: dict[str, torch.cuda.Event] = {}
+
+    def _staging(self, keys: tuple[str, ...]) -> None:
+        """Wait until the pending copies out of these staging buffers have run (CUDA; free on CPU)."""
+        for k in keys:
+            ev = self._copied.pop(k, None)
+            if ev is not None:
+                ev.synchronize()
+
+    def _copied_now(self, keys: tuple[str, ...]) -> None:
+        ev = torch.cuda.Event()
+        ev.record()
+        for k in keys:
+            self._copied[k] = ev
 
     def padded_shape(self, tokens: int, seqs: int) -> StepShape | None:
         """The bucket a step of ``tokens`` rows runs at, or None when it is larger than every bucket."""
@@ -119,6 +139,7 @@ class StepBuffers:
         t, s = shape.tokens, shape.seqs
         assert n <= t <= self.max_tokens and b <= s <= self.max_seqs, (n, t, b, s)
         a = self.np
+        self._staging(_FILLED)
         a["input_ids"][:n] = input_ids
         a["positions"][:n] = positions
         a["slot_mapping"][:n] = slots
@@ -140,6 +161,7 @@ class StepBuffers:
                     continue  # written by `token_sources` / `rows_index`
                 rows = t if k in ("input_ids", "positions", "slot_mapping") else s + (k == "query_start_loc")
                 dev[:rows].copy_(self.host[k][:rows], non_blocking=True)
+            self._copied_now(_FILLED)
         return self.view(shape)
 
     def token_sources(self, rows: list[int]) -> torch.Tensor:
@@ -147,10 +169,12 @@ class StepBuffers:
         each takes its input token from (-1: the host wrote it); returns the device view (R,) int64."""
         n = len(rows)
         assert n <= self.max_seqs, (n, self.max_seqs)
+        self._staging(("token_src",))
         self.np["token_src"][:n] = rows
         dev = self.device_bufs["token_src"][:n]
         if self.device_bufs is not self.host:
             dev.copy_(self.host["token_src"][:n], non_blocking=True)
+            self._copied_now(("token_src",))
         return dev
 
     def rows_index(self, rows: list[int]) -> torch.Tensor:
@@ -158,10 +182,12 @@ class StepBuffers:
         CUDA: indexing with a list would copy it synchronously, a host sync per step)."""
         n = len(rows)
         assert n <= self.max_seqs, (n, self.max_seqs)
+        self._staging(("logits_rows",))
         self.np["logits_rows"][:n] = rows
         dev = self.device_bufs["logits_rows"][:n]
         if self.device_bufs is not self.host:
             dev.copy_(self.host["logits_rows"][:n], non_blocking=True)
+            self._copied_now(("logits_rows",))
         return dev
 
     def fill_padding(self, shape: StepShape) -> StepView:
