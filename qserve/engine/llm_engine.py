@@ -129,6 +129,7 @@ class LLMEngine:
         if compiled is not None:
             seconds = compiled.warm_up(self.runner.buffers, caches, layout)
             logger.info("compiled the forward in %.1f s (inductor cache: %s)", seconds, use_cache_dir())
+        self.graph_pool_planned = 0  # bytes the planner estimated for the CUDA graph pool (when captured)
         if self.device.type == "cuda":
             self._check_activation_estimate(config, layout)
             if not config.enforce_eager:
@@ -184,7 +185,7 @@ class LLMEngine:
             return
         self.runner.graphs = graphs
         c = self.config
-        planned = cuda_graph_pool_bytes(
+        self.graph_pool_planned = planned = cuda_graph_pool_bytes(
             self.model_config, c.max_num_seqs, c.max_num_batched_tokens, self.max_model_len,
             torch_dtype(self.dtype_name).itemsize, self._weights_kind(),
         )  # fmt: skip

@@ -74,8 +74,9 @@ def device_memory(device: str) -> int:
 
 def kv_budget(opts: ServeOptions) -> tuple[int | None, int | None]:
     """(KV pool bytes, max_num_seqs) from --kv-cache-memory, or from --memory-budget through the planner
-    (weights, activation peak, step buffers, CUDA graph pool and KV: the same numbers `qserve plan` prints), or (None, None): engine default.
-    max_num_seqs comes back only when the planner chose it (--memory-budget with --max-num-seqs auto)."""
+    (weights, activation peak, step buffers, CUDA graph pool and KV: the same numbers `qserve plan` prints),
+    or (None, None): engine default. max_num_seqs comes back only when the planner chose it (--memory-budget
+    with --max-num-seqs auto)."""
     if opts.kv_cache_memory and opts.memory_budget:
         raise QServeError("give --kv-cache-memory or --memory-budget, not both")
     if opts.kv_cache_memory:
