@@ -219,6 +219,9 @@ def plan(
         float | None,
         typer.Option(help="Measured output tokens/s of one replica (else the --gpu roofline estimate)."),
     ] = None,
+    enforce_eager: Annotated[
+        bool, typer.Option("--enforce-eager", help="Plan serve --enforce-eager: no CUDA graph pool.")
+    ] = False,
 ) -> None:
     """Exact memory plan before loading: weights, KV capacity, concurrent sequences, batch sizes."""
     from qserve.planner import plan as make_plan
@@ -240,6 +243,7 @@ def plan(
         max_num_seqs=max_num_seqs,
         block_size=block_size,
         price_per_hour=price_per_hour,
+        enforce_eager=enforce_eager,
     )
     if plot is not None:
         save_plot(p, str(plot))

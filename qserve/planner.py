@@ -28,6 +28,7 @@ from qserve.planner_memory import (
     Comparison,
     DecodeEstimate,
     MemoryPlan,
+    StepAllocations,
     _gib,
     activation_bytes,
     compute_dtype,
@@ -40,6 +41,7 @@ from qserve.planner_memory import (
     plan_kv_blocks,
     recommend_max_num_seqs,
     reserve_bytes,
+    step_allocations,
 )
 from qserve.planner_report import print_plan, save_plot
 from qserve.presets import FLOAT_BYTES, find_gpu, load_model_source
@@ -52,6 +54,7 @@ __all__ = [
     "Comparison",
     "DecodeEstimate",
     "MemoryPlan",
+    "StepAllocations",
     "activation_bytes",
     "compute_dtype",
     "decode_estimate",
@@ -67,6 +70,7 @@ __all__ = [
     "recommend_max_num_seqs",
     "reserve_bytes",
     "save_plot",
+    "step_allocations",
 ]
 
 WEIGHT_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
@@ -85,8 +89,15 @@ def plan(
     block_size: int = 16,
     max_num_batched_tokens: int | None = None,
     price_per_hour: float | None = None,
+    max_model_len: int | None = None,
+    device: str | None = None,
+    enforce_eager: bool = False,
 ) -> MemoryPlan:
     """Plan ``model`` (directory, 'demo' or preset) on a ``memory`` byte budget or a ``gpu`` preset.
+
+    ``max_model_len``: the engine's (sizes the block-table buffer; default: ``context``). ``device``:
+    ``cuda`` or ``cpu`` (default: cuda with a ``gpu`` preset, else cpu); on cuda without
+    ``enforce_eager`` the CUDA graph pool is counted.
 
     Raises QServeError for bad input and for a budget that cannot hold the weights and one KV block.
     """
@@ -100,6 +111,7 @@ def plan(
         ("--context", context),
         ("--max-num-seqs", max_num_seqs),
         ("--block-size", block_size),
+        ("--max-model-len", max_model_len),
     ):
         if value is not None and value < 1:
             raise QServeError(f"{flag} must be at least 1, got {value}")
@@ -114,15 +126,22 @@ def plan(
     ctx = context or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     tokens = max_num_batched_tokens or _DEFAULTS.max_num_batched_tokens
     seqs_cap = max_num_seqs or _DEFAULTS.max_num_seqs
+    graphs = (device or ("cuda" if g is not None else "cpu")) == "cuda" and not enforce_eager
+    stored = _SHORT.get(src.inventory.stored, src.inventory.stored)
 
-    def size(w: str, kv: str) -> tuple[int, int, int, KVCacheSpec, int]:
+    def size(w: str, kv: str) -> tuple[int, int, int, KVCacheSpec, int, StepAllocations]:
         wb = src.inventory.nbytes(w)
-        act = activation_bytes(cfg, tokens, seqs_cap, FLOAT_BYTES[compute_dtype(cfg, w)])
+        act_b = FLOAT_BYTES[compute_dtype(cfg, w)]
+        act = activation_bytes(cfg, tokens, seqs_cap, act_b)
         res = reserve_bytes(mem, wb, g is not None)
         spec = kv_spec_for(cfg, w, kv, block_size)
-        return wb, act, res, spec, mem - res - wb - act
+        kind = stored if w == "auto" else w
+        fixed = step_allocations(
+            cfg, seqs_cap, tokens, max_model_len or ctx, block_size, act_b, kind, graphs
+        )  # the step buffers and, on CUDA, the graph pool: sized like the activations, at seqs_cap
+        return wb, act, res, spec, mem - res - wb - act - fixed.total, fixed
 
-    wb, act, res, spec, pool = size(weights, kv_cache_dtype)
+    wb, act, res, spec, pool, fixed = size(weights, kv_cache_dtype)
     label = f"{weights} weights" if weights != "auto" else "the weights"
     if wb + res > mem:
         plus = f" plus the runtime reserve ({_gib(res)})" if res else ""
@@ -133,7 +152,8 @@ def plan(
     if blocks < 1:
         raise QServeError(
             f"memory {_gib(mem)} leaves {_gib(max(pool, 0))} for the KV cache after {label} ({_gib(wb)}), "
-            f"activations ({_gib(act)}) and reserve ({_gib(res)}): less than one block "
+            f"activations ({_gib(act)}), step buffers and CUDA graphs ({_gib(fixed.total)}) and reserve "
+            f"({_gib(res)}): less than one block "
             f"({spec.bytes_per_block} B)"
         )
     capacity = blocks * block_size
@@ -150,7 +170,7 @@ def plan(
     rows = []
     for w in ("bf16", "int8", "int4"):
         for kv in ("fp16", "int8", "int4"):
-            cwb, _, _, cspec, cpool = size(w, kv)
+            cwb, _, _, cspec, cpool, _ = size(w, kv)
             cap = plan_kv_blocks(cspec, cpool) * block_size
             fit = max_concurrent_sequences(cap, ctx, block_size)
             est = estimate(w, cwb, cspec.bytes_per_token, fit)
@@ -161,7 +181,7 @@ def plan(
         source=src.kind,
         gpu=g.name if g else None,
         memory_bytes=mem,
-        weights=_SHORT.get(src.inventory.stored, src.inventory.stored) if weights == "auto" else weights,
+        weights=stored if weights == "auto" else weights,
         kv_cache_dtype=spec.dtype,
         context=ctx,
         block_size=block_size,
@@ -171,6 +191,8 @@ def plan(
         expert_weights_bytes=src.inventory.expert_nbytes(weights),
         active_expert_weights_bytes=src.inventory.active_expert_nbytes(weights),
         activation_bytes=act,
+        step_buffer_bytes=fixed.step_buffer_bytes,
+        cuda_graph_pool_bytes=fixed.cuda_graph_pool_bytes,
         reserve_bytes=res,
         kv_cache_bytes=pool,
         kv_bytes_per_token=spec.bytes_per_token,
@@ -193,16 +215,21 @@ def plan_engine(
     kv_cache_dtype: str = "auto",
     max_model_len: int | None = None,
     max_num_seqs: int | None = None,
+    device: str = "cpu",
+    enforce_eager: bool = False,
 ) -> MemoryPlan:
     """The plan `serve --memory-budget` builds its engine with: pass ``kv_cache_bytes`` as
     EngineConfig.kv_cache_memory and ``max_num_seqs`` (auto when None). ``memory_budget`` covers weights,
-    activations and KV (no reserve); weights as the engine loads them: a quantized checkpoint stays
-    quantized, ``dtype`` recasts a float one; sequences are planned at ``max_model_len`` tokens."""
+    activations, step buffers, the CUDA graph pool (``device`` cuda without ``enforce_eager``) and KV (no
+    reserve); weights as the engine loads them: a quantized checkpoint stays quantized, ``dtype`` recasts a
+    float one; sequences are planned at ``max_model_len`` tokens (default: the model's positions, capped at
+    DEFAULT_CONTEXT), and the block tables at the engine's max_model_len."""
     src = load_model_source(model)
     weights = "auto"
     if dtype != "auto" and src.config.quantization is None:
         weights = _SHORT[canonical_dtype(dtype)]  # the short name: fp32 | fp16 | bf16
-    ctx = min(max_model_len, src.config.max_position_embeddings) if max_model_len else None
+    positions = src.config.max_position_embeddings
+    ctx = min(max_model_len, positions) if max_model_len else None
     return plan(
         model,
         memory=memory_budget,
@@ -210,4 +237,7 @@ def plan_engine(
         kv_cache_dtype=kv_cache_dtype,
         context=ctx,
         max_num_seqs=max_num_seqs,
+        max_model_len=ctx or positions,  # what the engine runs with
+        device=device,
+        enforce_eager=enforce_eager,
     )

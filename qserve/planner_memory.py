@@ -1,7 +1,8 @@
 """The planner's memory model: per-token and per-block byte accounting shared with the engine, the decode
 roofline, and the plan dataclasses. :mod:`qserve.planner` builds plans from these; import from there.
 
-Budget, in order: ``memory = reserve + weights + activations + KV pool``, where
+Budget, in order: ``memory = reserve + weights + activations + step buffers + CUDA graph pool + KV pool``,
+where
 
 * weights: exact safetensors header bytes for a local checkpoint (a qserve-converted one counts its
   packed bytes), else from the config: float = 2 B/param (fp32: 4); int8 = 1 B/weight + one 16-bit scale per
@@ -13,6 +14,8 @@ Budget, in order: ``memory = reserve + weights + activations + KV pool``, where
   ``T * (2 * hidden + 3 * intermediate) * act_bytes + min(S, T) * vocab * 4 * 2`` for a step of T =
   max_num_batched_tokens tokens (residual + normed input, gate/up output and SiLU product) and fp32
   logits plus probabilities of S = max_num_seqs sampled rows; attention is assumed fused (no score matrix).
+* step buffers (exact) and the CUDA graph pool (an estimate; only on CUDA without --enforce-eager): the
+  step's fixed allocations, :mod:`qserve.planner_step` (its docstring has the formulas).
 * reserve: 0 for a plain --memory budget; on a GPU the CUDA context (1 GiB) plus GPU_HEADROOM of what
   is left after the weights, the same share the engine leaves free when it sizes itself on CUDA.
 """
@@ -24,6 +27,7 @@ from typing import Any
 
 from qserve.cache.kv_cache import KVCacheSpec, resolve_kv_dtype
 from qserve.config import EngineConfig, ModelConfig
+from qserve.planner_step import cuda_graph_pool_bytes, step_blocks, step_buffer_bytes
 from qserve.presets import GPUPreset, ModelSource, cdiv
 
 GPU_RESERVE_BYTES = 1 << 30  # CUDA context, cuBLAS / Triton workspaces
@@ -47,6 +51,38 @@ def activation_bytes(cfg: ModelConfig, max_num_batched_tokens: int, max_num_seqs
     """Estimated transient peak of one step (module docstring): MLP activations + sampled logits."""
     t, rows = max_num_batched_tokens, min(max_num_seqs, max_num_batched_tokens)
     return t * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * act_bytes + rows * cfg.vocab_size * 4 * 2
+
+
+@dataclass(frozen=True)
+class StepAllocations:
+    """The step's fixed device allocations beside the KV pool (:mod:`qserve.planner_step`)."""
+
+    step_buffer_bytes: int
+    cuda_graph_pool_bytes: int  # 0: no graphs (a CPU device, or --enforce-eager)
+
+    @property
+    def total(self) -> int:
+        return self.step_buffer_bytes + self.cuda_graph_pool_bytes
+
+
+def step_allocations(
+    cfg: ModelConfig,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    max_model_len: int,
+    block_size: int,
+    act_bytes: int,
+    weights: str,
+    cuda_graphs: bool,
+) -> StepAllocations:
+    """What the engine allocates for the step loop: the step buffers and, with ``cuda_graphs``, the pool."""
+    buffers = step_buffer_bytes(max_num_batched_tokens, max_num_seqs, step_blocks(max_model_len, block_size))
+    pool = 0
+    if cuda_graphs:
+        pool = cuda_graph_pool_bytes(
+            cfg, max_num_seqs, max_num_batched_tokens, max_model_len, act_bytes, weights
+        )
+    return StepAllocations(buffers, pool)
 
 
 def gpu_usable(free_bytes: int) -> int:
@@ -75,11 +111,14 @@ def engine_kv_blocks(
     act_bytes: int,
     free_bytes: int | None,
     cpu_cap: int,
+    weights: str = "float",
 ) -> int:
     """KV blocks of an engine: ``config.kv_cache_memory`` when given; else room for max_num_seqs
-    full-length sequences, capped on CUDA by ``free_bytes * (1 - GPU_HEADROOM) - activations`` (free
-    memory measured after the weights are loaded, so the CUDA context is already counted) and on CPU by
-    ``cpu_cap``. At least one block."""
+    full-length sequences, capped on CUDA by ``free_bytes * (1 - GPU_HEADROOM) - activations - step
+    buffers - CUDA graph pool`` (free memory measured after the weights are loaded, so the CUDA context is
+    already counted; the pool unless ``config.enforce_eager``), as :func:`qserve.planner.plan` subtracts
+    them, and on CPU by ``cpu_cap``. ``weights``: int8 | int4 | float (the pool's matmul scratch). At
+    least one block."""
     if config.kv_cache_memory is not None:
         return plan_kv_blocks(spec, config.kv_cache_memory)
     want = config.max_num_seqs * max_model_len * spec.bytes_per_token
@@ -87,7 +126,11 @@ def engine_kv_blocks(
         cap = cpu_cap
     else:
         act = activation_bytes(cfg, config.max_num_batched_tokens, config.max_num_seqs, act_bytes)
-        cap = gpu_usable(free_bytes) - act
+        fixed = step_allocations(
+            cfg, config.max_num_seqs, config.max_num_batched_tokens, max_model_len, spec.block_size,
+            act_bytes, weights, cuda_graphs=not config.enforce_eager,
+        )  # fmt: skip
+        cap = gpu_usable(free_bytes) - act - fixed.total
     return plan_kv_blocks(spec, max(min(want, cap), spec.bytes_per_block))
 
 
@@ -182,6 +225,8 @@ class MemoryPlan:
     expert_weights_bytes: int  # MoE: all routed experts, resident (part of weights_bytes); 0 when dense
     active_expert_weights_bytes: int  # MoE: the routed-expert bytes one token reads (top_k of E per layer)
     activation_bytes: int
+    step_buffer_bytes: int  # the persistent step buffers (exact)
+    cuda_graph_pool_bytes: int  # the shared CUDA graph pool (estimate); 0 on CPU or with enforce_eager
     reserve_bytes: int
     kv_cache_bytes: int  # the KV pool: what `serve` passes the engine as kv_cache_memory
     kv_bytes_per_token: int

@@ -7,6 +7,10 @@ from qserve.planner_memory import MemoryPlan, _gib, max_concurrent_sequences
 from qserve.presets import cdiv
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.2f} MiB"
+
+
 def print_plan(p: MemoryPlan) -> None:
     """The byte budget and the weights x KV comparison as rich tables on stdout."""
     from rich.console import Console
@@ -17,6 +21,7 @@ def print_plan(p: MemoryPlan) -> None:
     for col in ("", "bytes", "how"):
         t.add_column(col, justify="right" if col == "bytes" else "left")
     per_seq = cdiv(p.context, p.block_size) * p.block_size
+    graph_how = "estimate, decode buckets" if p.cuda_graph_pool_bytes else "none (CPU or --enforce-eager)"
     rows = [
         ("memory", _gib(p.memory_bytes), p.gpu or "--memory"),
         ("runtime reserve", _gib(p.reserve_bytes), "CUDA ctx + 10% headroom" if p.gpu else "none"),
@@ -30,6 +35,8 @@ def print_plan(p: MemoryPlan) -> None:
             else []
         ),
         ("activation peak", _gib(p.activation_bytes), f"estimate, {p.max_num_batched_tokens} tok/step"),
+        ("step buffers", _mib(p.step_buffer_bytes), "exact, persistent inputs"),
+        ("CUDA graph pool", _mib(p.cuda_graph_pool_bytes), graph_how),
         ("KV cache pool", _gib(p.kv_cache_bytes), f"{p.kv_num_blocks:,} blocks"),
         (f"KV per token ({p.kv_cache_dtype})", f"{p.kv_bytes_per_token:,} B", f"{p.block_size} tokens/block"),
         ("KV capacity (tokens)", f"{p.kv_capacity_tokens:,}", "whole blocks"),

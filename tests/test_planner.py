@@ -72,10 +72,23 @@ def test_llama_70b_int4_on_h200() -> None:
     free = p.memory_bytes - GPU_RESERVE_BYTES - weights
     assert p.reserve_bytes == GPU_RESERVE_BYTES + free - int(free * 0.9)
     assert p.kv_bytes_per_token == 2 * 80 * 8 * 128 * 2
-    assert p.kv_num_blocks == (int(free * 0.9) - act) // (16 * 327680) == 18691
-    assert p.kv_capacity_tokens == 18691 * 16
-    assert p.max_concurrent_sequences == p.max_num_seqs == 18691 * 16 // 4096 == 73
-    assert p.decode is not None and p.decode.batch == 73 and p.decode.bound == "memory"
+    # step buffers: 2048 token rows x 3 int64, 256 seqs x (lengths, offsets (+1), 256-block tables) int32,
+    # 256 int64 token sources and logits rows
+    buffers = 2048 * 3 * 8 + 4 * (256 + 257 + 256 * 256) + 2 * 256 * 8
+    assert p.step_buffer_bytes == buffers == 317_444
+    # graph pool, bucket 256 (bf16): MLP rows 3 x 8192 + 4 x 28672 beat attention's; no decode split (256
+    # seqs x 8 KV heads fill 132 SMs), no split-K; outputs of the 40 buckets (sum 4231 rows); 2 MiB
+    # segments, plus one 20 MiB segment for the 4 MiB (256, 8192) tensors
+    pool = 256 * 2 * (3 * 8192 + 4 * 28672) + 4231 * 8192 * 2
+    pool = -(-pool // (2 << 20)) * (2 << 20) + (20 << 20)
+    assert p.cuda_graph_pool_bytes == pool == 163_577_856
+    assert p.kv_num_blocks == (int(free * 0.9) - act - buffers - pool) // (16 * 327680) == 18660
+    assert p.kv_capacity_tokens == 18660 * 16
+    assert p.max_concurrent_sequences == p.max_num_seqs == 18660 * 16 // 4096 == 72
+    assert p.decode is not None and p.decode.batch == 72 and p.decode.bound == "memory"
+    eager = plan("Llama-3.1-70B", gpu="h200", weights="int4", kv_cache_dtype="fp16", enforce_eager=True)
+    assert eager.cuda_graph_pool_bytes == 0 and eager.step_buffer_bytes == buffers
+    assert eager.kv_num_blocks == (int(free * 0.9) - act - buffers) // (16 * 327680)
 
 
 def test_engine_on_cuda_sizes_like_the_gpu_plan() -> None:
@@ -85,20 +98,39 @@ def test_engine_on_cuda_sizes_like_the_gpu_plan() -> None:
     src = load_model_source("qwen3-8b")
     spec = kv_spec_for(src.config, "int4", "int8", 16)
     free = p.memory_bytes - GPU_RESERVE_BYTES - p.weights_bytes
-    blocks = engine_kv_blocks(spec, src.config, EngineConfig(model=""), 40960, 2, free, 4 * GIB)
-    assert blocks == p.kv_num_blocks
+    graphs = EngineConfig(model="", enforce_eager=False)  # (the tests run eager by default)
+    blocks = engine_kv_blocks(spec, src.config, graphs, 4096, 2, free, 4 * GIB, "int4")
+    assert blocks == p.kv_num_blocks and p.cuda_graph_pool_bytes > 0 and p.step_buffer_bytes > 0
+    # the same with other step sizes, eager, and a longer max_model_len (wider block tables)
+    # (the plan fills the memory with KV: the engine does when max_num_seqs x max_model_len needs more)
+    for seqs, tokens, eager, mlen in (
+        (64, 512, False, 16384),
+        (256, 8192, True, 4096),
+        (256, 2048, False, 40960),
+    ):
+        q = plan("qwen3-8b", gpu="H100-80GB", weights="int4", kv_cache_dtype="int8", max_num_seqs=seqs,
+                 max_num_batched_tokens=tokens, max_model_len=mlen, enforce_eager=eager)  # fmt: skip
+        config = EngineConfig(model="", max_num_seqs=seqs, max_num_batched_tokens=tokens, enforce_eager=eager)
+        assert (q.cuda_graph_pool_bytes == 0) == eager
+        free = q.memory_bytes - GPU_RESERVE_BYTES - q.weights_bytes
+        assert engine_kv_blocks(spec, src.config, config, mlen, 2, free, 4 * GIB, "int4") == q.kv_num_blocks
 
 
 def test_cpu_budget_plan_is_what_the_engine_allocates(tiny_llama: Path) -> None:
     cfg = ModelConfig.from_pretrained(tiny_llama)
     weights = sum(int(t["data_offsets"][1] - t["data_offsets"][0]) for t in _header(tiny_llama).values())
-    budget = weights + 4_849_664 + 37 * 8192 + 100  # weights + activations + 37 fp32 blocks + change
+    # the step buffers of 2048 token rows, 256 sequences, 512 / 16 blocks each: 3 x 8 B per token row,
+    # 4 B x (lengths, offsets, 32 block ids) + 8 B token source and logits row per sequence, one more offset
+    buffers = 2048 * 24 + 256 * (4 * (2 + 32) + 16) + 4
+    budget = weights + 4_849_664 + buffers + 37 * 8192 + 100  # + activations, buffers, 37 fp32 blocks, change
     p = plan(str(tiny_llama), memory=budget)
+    assert p.step_buffer_bytes == buffers and p.cuda_graph_pool_bytes == 0  # a CPU budget: no graphs
     assert (p.weights, p.kv_cache_dtype, p.weights_bytes, p.reserve_bytes) == ("fp32", "fp32", weights, 0)
     assert p.kv_bytes_per_token == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 == 512
     assert (p.kv_num_blocks, p.kv_capacity_tokens) == (37, 37 * 16)
     llm = LLM(str(tiny_llama), kv_cache_memory=p.kv_cache_bytes)
     assert llm.engine.kv.capacity_tokens == p.kv_capacity_tokens
+    assert llm.engine.runner.buffers.nbytes == p.step_buffer_bytes  # what the engine really allocated
     params = {id(t): t.numel() * t.element_size() for t in llm.engine.model.parameters()}
     assert sum(params.values()) == p.weights_bytes
     # the serve hook: --memory-budget with --dtype recasting the float checkpoint, sequences of max_model_len
@@ -156,8 +188,8 @@ def test_preset_names() -> None:
 JSON_KEYS = {
     "model", "source", "gpu", "memory_bytes", "weights", "kv_cache_dtype", "context", "block_size",
     "requested_max_num_seqs", "price_per_hour", "weights_bytes", "expert_weights_bytes",
-    "active_expert_weights_bytes", "activation_bytes", "reserve_bytes",
-    "kv_cache_bytes", "kv_bytes_per_token", "kv_bytes_per_block", "kv_num_blocks", "kv_capacity_tokens",
+    "active_expert_weights_bytes", "activation_bytes", "step_buffer_bytes", "cuda_graph_pool_bytes",
+    "reserve_bytes", "kv_cache_bytes", "kv_bytes_per_token", "kv_bytes_per_block", "kv_num_blocks", "kv_capacity_tokens",
     "max_concurrent_sequences", "max_num_seqs", "max_num_batched_tokens", "decode", "comparison",
 }  # fmt: skip
 ROW_KEYS = {
@@ -179,6 +211,9 @@ def test_json_keys_are_stable() -> None:
     assert all(set(c) == ROW_KEYS for c in out["comparison"])
     assert (out["context"], out["kv_bytes_per_token"], out["gpu"]) == (8192, 67584, "H200")
     assert out["decode"]["cost_per_million_tokens"] > 0
+    assert out["cuda_graph_pool_bytes"] > 0 and out["step_buffer_bytes"] > 0
+    r = CliRunner().invoke(app, [*args, "--json", "--enforce-eager"])
+    assert json.loads(r.stdout)["cuda_graph_pool_bytes"] == 0
     r = CliRunner().invoke(app, ["plan", "qwen2.5-7b", "--memory", "24GiB", "--json"])
     assert set(json.loads(r.stdout)) == JSON_KEYS and json.loads(r.stdout)["decode"] is None
 
@@ -186,8 +221,11 @@ def test_json_keys_are_stable() -> None:
 def test_table_and_plot(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["plan", "llama-3.2-1b", "--gpu", "L4", "--price-per-hour", "0.8"])
     assert r.exit_code == 0, r.output
-    for text in ("KV capacity", "max_num_seqs", "roofline est.", "int4", "USD / 1M output tokens"):
+    for text in ("KV capacity", "max_num_seqs", "roofline est.", "int4", "USD / 1M output tokens",
+                 "step buffers", "CUDA graph pool", "estimate, decode buckets"):  # fmt: skip
         assert text in r.stdout
+    r = CliRunner().invoke(app, ["plan", "llama-3.2-1b", "--gpu", "L4", "--enforce-eager"])
+    assert "none (CPU or --enforce-eager)" in r.stdout
     png = tmp_path / "plan.png"
     save_plot(plan("qwen2.5-72b", gpu="A100-80GB", weights="int4"), str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

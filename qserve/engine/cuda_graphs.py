@@ -15,12 +15,18 @@ from typing import Any
 
 import torch
 
-from qserve.engine.step_buffers import StepBuffers, StepShape
+from qserve.engine.step_buffers import StepBuffers, StepShape, token_buckets
 from qserve.kernels.attention import KVLayout
 from qserve.layers.attention import AttentionMetadata
 
 logger = logging.getLogger("qserve")
 MAX_CAPTURE = 256  # the largest decode bucket captured (vLLM's default tops out at 512 on big GPUs)
+
+
+def capture_sizes(max_tokens: int, max_seqs: int) -> list[int]:
+    """The decode buckets captured, ascending: every token bucket up to min(max_num_seqs, budget, 256)."""
+    top = min(max_seqs, max_tokens, MAX_CAPTURE)
+    return [b for b in token_buckets(max_tokens) if b <= top]
 
 
 class CudaGraphRunner:
@@ -43,12 +49,12 @@ class CudaGraphRunner:
     ):
         self.model, self.buffers, self.kv_caches, self.layout = model, buffers, kv_caches, layout
         self.max_seq_len = max_seq_len
-        top = min(buffers.max_seqs, buffers.max_tokens, MAX_CAPTURE)
-        self.sizes = [b for b in buffers.buckets if b <= top]
+        self.sizes = capture_sizes(buffers.max_tokens, buffers.max_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # (B, H) hidden states each graph writes
         self.pool: Any = None  # one memory pool shared by every graph (torch.cuda.graph_pool_handle())
-        self.memory_bytes = 0
+        self.memory_bytes = 0  # the pool: memory the allocator reserved inside the captures
+        self.device_bytes = 0  # all device memory the captures took (the pool, warm-ups, graph objects)
 
     def meta(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         v = self.buffers.view(StepShape(bucket, bucket))
@@ -68,11 +74,13 @@ class CudaGraphRunner:
             self.model(ids, pos, meta, self.kv_caches)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
+            reserved = torch.cuda.memory_reserved()  # the eager warm-up's memory stays outside the pool
             with torch.cuda.graph(graph, pool=self.pool):
                 self.outputs[b] = self.model(ids, pos, meta, self.kv_caches)
+            self.memory_bytes += torch.cuda.memory_reserved() - reserved
             self.graphs[b] = graph
         torch.cuda.synchronize()
-        self.memory_bytes = free0 - torch.cuda.mem_get_info()[0]
+        self.device_bytes = free0 - torch.cuda.mem_get_info()[0]
         return time.perf_counter() - t0
 
     def bucket_for(self, tokens: int, seqs: int, num_decodes: int) -> int | None:

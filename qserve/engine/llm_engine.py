@@ -17,6 +17,7 @@ from qserve.cache.kv_cache_manager import KVCacheManager
 from qserve.config import EngineConfig, ModelConfig, canonical_dtype, resolve_model_path
 from qserve.engine.compiled import CompiledForward, use_cache_dir
 from qserve.engine.cuda_graphs import CudaGraphRunner
+from qserve.engine.device_tokens import PLACEHOLDER
 from qserve.engine.logits_processors import bad_words_token_ids
 from qserve.engine.metrics import EngineMetrics, StepRecord
 from qserve.engine.model_runner import ModelRunner, ModelRunnerOutput
@@ -30,6 +31,7 @@ from qserve.layers.attention import AttentionMetadata
 from qserve.layers.linear import prepack_cpu_linears
 from qserve.models.loader import load_model, torch_dtype
 from qserve.planner import engine_kv_blocks
+from qserve.planner_step import cuda_graph_pool_bytes
 from qserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 from qserve.types import RequestOutput, SamplingParams
 
@@ -56,11 +58,16 @@ class _InFlight:
     ro: ModelRunnerOutput | None = None
     future: Future[ModelRunnerOutput] | None = None
 
-    def result(self) -> ModelRunnerOutput:
+    def output(self) -> ModelRunnerOutput:
+        """The step's output once its run returned; its sampled ids may still be on their way to the host."""
         if self.ro is None:
             assert self.future is not None
             self.ro = self.future.result()
         return self.ro
+
+    def result(self) -> ModelRunnerOutput:
+        """The step's output with its sampled ids on the host (waits for their copy)."""
+        return self.output().resolve()
 
 
 class LLMEngine:
@@ -122,6 +129,7 @@ class LLMEngine:
         if compiled is not None:
             seconds = compiled.warm_up(self.runner.buffers, caches, layout)
             logger.info("compiled the forward in %.1f s (inductor cache: %s)", seconds, use_cache_dir())
+        self.graph_pool_planned = 0  # bytes the planner estimated for the CUDA graph pool (when captured)
         if self.device.type == "cuda":
             self._check_activation_estimate(config, layout)
             if not config.enforce_eager:
@@ -141,6 +149,7 @@ class LLMEngine:
         self._compiling: list[Sequence] = []  # waiting sequences whose grammar is not ready yet
         self._inflight: _InFlight | None = None  # async scheduling: the launched step not yet applied
         self._step_thread: ThreadPoolExecutor | None = None  # async scheduling: runs the launched steps
+        self.steps_ahead = 0  # steps launched before the previous step's sampled ids reached the host
 
     @property
     def grammars(self) -> GrammarCache:
@@ -155,8 +164,16 @@ class LLMEngine:
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         act_bytes = torch_dtype(self.dtype_name).itemsize
         return engine_kv_blocks(
-            self.kv_spec, self.model_config, config, self.max_model_len, act_bytes, free, DEFAULT_CPU_KV_CAP
-        )
+            self.kv_spec, self.model_config, config, self.max_model_len, act_bytes, free, DEFAULT_CPU_KV_CAP,
+            self._weights_kind(),
+        )  # fmt: skip
+
+    def _weights_kind(self) -> str:
+        """int8 | int4 | nf4 | fp4 for a quantized checkpoint, else float (the graph pool's matmul scratch)."""
+        from qserve.kernels.packing import QuantSpec
+
+        spec = QuantSpec.from_config(self.model_config.quantization)
+        return spec.weights if spec is not None else "float"
 
     def _capture_graphs(self, caches: list[torch.Tensor], layout: KVLayout) -> None:
         """CUDA graphs of the decode buckets; a capture failure logs and leaves the engine eager."""
@@ -167,10 +184,23 @@ class LLMEngine:
             logger.warning("CUDA graph capture failed, running eager: %s", e)
             return
         self.runner.graphs = graphs
-        logger.info(
-            "captured %d CUDA graphs (decode buckets %s) in %.1f s, %.0f MiB",
-            len(graphs.graphs), graphs.sizes, seconds, graphs.memory_bytes / 2**20,
+        c = self.config
+        self.graph_pool_planned = planned = cuda_graph_pool_bytes(
+            self.model_config, c.max_num_seqs, c.max_num_batched_tokens, self.max_model_len,
+            torch_dtype(self.dtype_name).itemsize, self._weights_kind(),
         )  # fmt: skip
+        logger.info(
+            "captured %d CUDA graphs (decode buckets %s) in %.1f s: pool %.1f MiB measured, %.1f MiB planned "
+            "(%.1f MiB of device memory in all)",
+            len(graphs.graphs), graphs.sizes, seconds, graphs.memory_bytes / 2**20, planned / 2**20,
+            graphs.device_bytes / 2**20,
+        )  # fmt: skip
+        if graphs.memory_bytes > planned:
+            logger.warning(
+                "CUDA graph pool: measured %d B, above the planned %d B; the KV pool was sized with the "
+                "estimate, so the device has %d B less headroom than planned",
+                graphs.memory_bytes, planned, graphs.memory_bytes - planned,
+            )  # fmt: skip
 
     def _check_activation_estimate(self, config: EngineConfig, layout: KVLayout) -> None:
         """Profile one full-budget prefill step on the GPU and log where the planner's activation estimate
@@ -283,7 +313,8 @@ class LLMEngine:
 
         Synchronous (the default): schedule, run, apply, emit. With ``async_scheduling`` the next step is
         scheduled and launched on the step thread as soon as this one's tokens are applied, and this step's
-        outputs are detokenized (and, in the server, sent) while it computes."""
+        outputs are detokenized (and, in the server, sent) while it computes; with device tokens too (the
+        default on CUDA) it is launched before this step's sampled ids reach the host (`_look_ahead`)."""
         failed = self._poll_grammars()
         flight = self._inflight or self._launch()
         self._inflight = None
@@ -291,11 +322,12 @@ class LLMEngine:
             if self._compiling and not failed:  # only compiling requests are left: wait a moment, not spin
                 wait([q.grammar.future for q in self._compiling if q.grammar], 0.01, FIRST_COMPLETED)
             return failed
+        ahead = self._look_ahead(flight)
         ro = flight.result()
         t2 = time.perf_counter()
-        new = self._apply(flight.so, ro)
+        new = self._apply(flight.so, ro, advanced=ahead)
         t3 = time.perf_counter()
-        if self.config.async_scheduling:
+        if self.config.async_scheduling and not ahead:
             self._inflight = self._launch()
         t4 = time.perf_counter()
         outputs = failed + [self._emit(n) for n in new]
@@ -325,15 +357,48 @@ class LLMEngine:
             self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="qserve-step")
         return _InFlight(so, seconds, future=self._step_thread.submit(self.runner.run, so, prepared))
 
-    def _apply(self, so: SchedulerOutput, ro: ModelRunnerOutput) -> list[NewToken]:
-        """Advance each scheduled sequence by its step; finish those its new token ids finish."""
-        new: list[NewToken] = []
+    def _look_ahead(self, flight: _InFlight) -> bool:
+        """Async scheduling with device tokens: as soon as ``flight``'s run returned (on CUDA: its work is
+        queued), advance its sequences, give each that sampled a placeholder token, and launch the next
+        step, before the sampled ids reach the host (vLLM's async scheduling, SGLang's overlap): the device
+        scatters them into the next step's inputs and `_append_token` writes them over the placeholders.
+        Not when a sampled sequence's next logits need its token on the host (logits processors, a
+        grammar) or it only scores its prompt (max_tokens 0). Returns whether it launched."""
+        if not (self.config.async_scheduling and self.runner.device_tokens):
+            return False
+        ids = set(flight.output().pending_ids)
+        sampled = [s.seq for s in flight.so.scheduled if s.seq.seq_id in ids and not s.seq.is_finished]
+        if any(
+            q.params.processes_logits or q.grammar is not None or not q.params.max_tokens for q in sampled
+        ):
+            return False
+        self._advance(flight.so)
+        for seq in sampled:
+            seq.token_ids.append(PLACEHOLDER)
+            seq.token_pending = True
+        self._inflight = self._launch()
+        self.steps_ahead += self._inflight is not None
+        return True
+
+    def _advance(self, so: SchedulerOutput) -> None:
+        """Count each scheduled sequence's step as computed and publish its full KV blocks."""
         for s in so.scheduled:
             seq = s.seq
             if seq.is_finished:  # aborted, or stopped by a stop string, after this step was launched
                 continue
             seq.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+
+    def _apply(self, so: SchedulerOutput, ro: ModelRunnerOutput, advanced: bool = False) -> list[NewToken]:
+        """Advance each scheduled sequence by its step (unless `_look_ahead` did); finish those its new
+        token ids finish."""
+        if not advanced:
+            self._advance(so)
+        new: list[NewToken] = []
+        for s in so.scheduled:
+            seq = s.seq
+            if seq.is_finished:
+                continue
             if seq.prompt_logprobs is not None and seq.seq_id in ro.prompt_logprobs:
                 seq.prompt_logprobs.extend(ro.prompt_logprobs[seq.seq_id])
             if seq.seq_id in ro.sampled:
@@ -366,7 +431,10 @@ class LLMEngine:
         if p.max_tokens == 0:  # prompt scoring only (echo): nothing is generated
             self._finish(seq, "length", retire=False)
             return NewToken(seq, None, detok)
-        seq.token_ids.append(token)
+        if seq.token_pending:  # launched ahead: the placeholder the next step already ran with
+            seq.token_ids[-1], seq.token_pending = token, False
+        else:
+            seq.token_ids.append(token)
         if seq.logprobs is not None and logprob is not None:
             seq.logprobs.append(logprob)
         if seq.first_token_time is None:

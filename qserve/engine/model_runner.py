@@ -12,8 +12,9 @@ import torch
 from qserve.cache.kv_cache_manager import KVCacheManager
 from qserve.engine.compiled import CompiledForward
 from qserve.engine.cuda_graphs import CudaGraphRunner
+from qserve.engine.device_tokens import PLACEHOLDER, HostTokens, decode_sources, scatter_tokens
 from qserve.engine.logits_processors import prepare_logits
-from qserve.engine.sampler import sample, token_logprob
+from qserve.engine.sampler import sample_tensor, token_logprob
 from qserve.engine.scheduler import SchedulerOutput
 from qserve.engine.step_buffers import StepBuffers, StepShape
 from qserve.kernels.attention import KVLayout
@@ -26,15 +27,40 @@ from qserve.types import TokenLogprob
 
 @dataclass
 class ModelRunnerOutput:
-    """Per sequence id: the sampled token (only sequences that reached their end this step) and logprobs."""
+    """Per sequence id: the sampled token (only sequences that reached their end this step) and logprobs.
+
+    ``sampled`` (and on CUDA the device timings) are filled by :meth:`resolve`, which waits for the host
+    copy of the step's tokens: the engine calls it when it applies the step, not the runner."""
 
     sampled: dict[int, int] = field(default_factory=dict)
     logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> time: prepare, forward, sample
     forward_start: float = 0.0  # monotonic seconds around the forward (host view)
-    forward_end: float = 0.0
+    forward_end: float = 0.0  # CUDA: when the host saw the step's tokens arrive (forward and sampling done)
     device_seconds: float = 0.0  # the forward's device time: CUDA events on GPU, its wall time on CPU
+    pending_ids: list[int] = field(default_factory=list)  # sequence of each row of ``host_tokens``
+    host_tokens: HostTokens | None = None
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # CUDA: around the forward
+
+    _resolved: bool = field(default=False, repr=False)
+
+    def resolve(self) -> ModelRunnerOutput:
+        """Wait for the host copy of the sampled ids and fill ``sampled`` (on CUDA also the forward's device
+        time, and ``forward_end`` = when the host saw the step done); idempotent."""
+        if self._resolved:
+            return self
+        self._resolved = True
+        t0 = time.perf_counter()
+        if self.host_tokens is not None:
+            self.sampled = dict(zip(self.pending_ids, self.host_tokens.tolist(), strict=True))
+            self.host_tokens = None
+        if self.events is not None:  # the copy follows the forward: after it, both events are done
+            self.events[1].synchronize()
+            self.forward_end = time.monotonic()
+            self.device_seconds = self.events[0].elapsed_time(self.events[1]) / 1e3
+            self.seconds["forward"] = self.seconds.get("forward", 0.0) + time.perf_counter() - t0
+        return self
 
 
 @dataclass
@@ -48,6 +74,8 @@ class _Batch:
     query_start_loc: list[int]  # host copy, B + 1
     compiled: bool  # padded to a bucket, for the compiled forward (else exact sizes, eager)
     graph: int | None = None  # CUDA: the captured decode bucket this step replays
+    # device tokens: the last step's sampled ids and, per leading decode row, its row there (or -1)
+    scatter: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def path(self) -> str:
@@ -102,6 +130,11 @@ class ModelRunner:
         # cores with its HTTP process gives decode steps one core fewer but big prefills every core.
         self.threads_for: Callable[[int], int] | None = None
         self.steps_by_path: Counter[str] = Counter()  # `_Batch.path` -> steps run that way
+        # decode input tokens scattered on the device from the last step's sampled ids (device_tokens);
+        # on by default on CUDA, where it saves the host round trip; CPU keeps the host path unless asked
+        self.device_tokens = device.type == "cuda"
+        self._last: tuple[torch.Tensor, dict[int, int]] | None = None  # last step's tokens, seq id -> row
+        self.device_token_rows = 0  # input rows whose token the device wrote, since start
 
     def _prepare(self, so: SchedulerOutput) -> _Batch:
         bs = self.block_size
@@ -126,6 +159,7 @@ class ModelRunner:
             num_decodes += n == 1 and num_decodes == len(seq_lens) - 1
             if s.samples:
                 logits_rows.append(qsl[-1] - 1)
+        sources = self._token_sources(so, num_decodes, input_ids)
         shape = (
             self.compiled.shape_for(self.buffers, len(input_ids), len(seq_lens)) if self.compiled else None
         )
@@ -152,7 +186,27 @@ class ModelRunner:
         ):
             width = decode_table_width(max(seq_lens), bs, self.buffers.max_blocks)
             meta.block_tables, meta.decode_graph = meta.block_tables[:, :width], True
-        return _Batch(view.input_ids, view.positions, meta, logits_rows, qsl, compiled, graph)
+        scatter = None
+        if sources is not None and self._last is not None:
+            scatter = self._last[0], self.buffers.token_sources(sources)
+        return _Batch(view.input_ids, view.positions, meta, logits_rows, qsl, compiled, graph, scatter)
+
+    def _token_sources(self, so: SchedulerOutput, num_decodes: int, input_ids: list[int]) -> list[int] | None:
+        """Device tokens: the leading decode rows whose input token the last step sampled get a
+        placeholder in ``input_ids`` and that step's row as their source (-1: the host's token)."""
+        last = self._last
+        if not self.device_tokens or last is None or not num_decodes:
+            return None
+        decodes = so.scheduled[:num_decodes]
+        ids = [s.seq.seq_id if s.start == s.seq.num_tokens - 1 else -1 for s in decodes]
+        rows = decode_sources(ids, last[1])
+        if all(r < 0 for r in rows):
+            return None
+        for i, r in enumerate(rows):
+            if r >= 0:
+                input_ids[i] = PLACEHOLDER  # never read: the device writes the token
+                self.device_token_rows += 1
+        return rows
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         """Prepare and run one step here (the synchronous engine)."""
@@ -177,8 +231,10 @@ class ModelRunner:
             torch.set_num_threads(n)
         batch = prepared.batch
         self.steps_by_path[batch.path] += 1
-        t1 = time.perf_counter()
+        t1, start = time.perf_counter(), time.monotonic()
         forward = self.compiled.forward if self.compiled is not None and batch.compiled else self.model
+        if batch.scatter is not None:  # decode tokens from the last step's sampled ids, on the device
+            scatter_tokens(self.buffers.device_bufs["input_ids"], *batch.scatter)
         events = None
         if self.device.type == "cuda":
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -189,19 +245,27 @@ class ModelRunner:
             with step_plans():
                 hidden = forward(batch.ids, batch.positions, batch.meta, self.kv_caches)  # (T, H)
         sampling = [s.seq for s in so.scheduled if s.samples]
-        logits = self.model.compute_logits(hidden[batch.logits_rows]) if sampling else None  # (S, V)
+        logits = None
+        if sampling:
+            rows = batch.logits_rows
+            picked = (
+                hidden[: len(rows)] if rows[-1] == len(rows) - 1 else hidden[self.buffers.rows_index(rows)]
+            )
+            logits = self.model.compute_logits(picked)  # (S, V); decode-only: the first S rows, no index
         if events is not None:
-            events[1].record()
-            events[1].synchronize()
+            events[1].record()  # read in ModelRunnerOutput.resolve: no host sync here
         t2 = time.perf_counter()
-        out.forward_end = time.monotonic()
-        out.forward_start = out.forward_end - (t2 - t1)
-        out.device_seconds = events[0].elapsed_time(events[1]) / 1e3 if events is not None else t2 - t1
+        out.forward_start, out.forward_end = start, start + (t2 - t1)
+        out.device_seconds, out.events = t2 - t1, events  # CPU: the forward's wall time
+        self._last = None
         if logits is not None:
             procs = prepare_logits(sampling, logits.shape[-1], logits.device)
-            tokens, lps = sample(logits, [q.params for q in sampling], [q.generator for q in sampling], procs)
-            for seq, tok, lp in zip(sampling, tokens, lps, strict=True):
-                out.sampled[seq.seq_id] = tok
+            params, gens = [q.params for q in sampling], [q.generator for q in sampling]
+            tokens, lps = sample_tensor(logits, params, gens, procs)  # (S,) on the device
+            out.pending_ids = [q.seq_id for q in sampling]
+            out.host_tokens = HostTokens(tokens)  # CUDA: copied on a side stream, read by resolve
+            self._last = tokens, {q.seq_id: i for i, q in enumerate(sampling)}
+            for seq, lp in zip(sampling, lps, strict=True):
                 if lp is not None:
                     out.logprobs[seq.seq_id] = lp
         self._prompt_logprobs(so, hidden, batch.query_start_loc, out)

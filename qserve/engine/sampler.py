@@ -28,24 +28,42 @@ def sample(
     generators: list[torch.Generator | None],
     processors: LogitsBatch | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """:func:`sample_tensor` with the token ids as a list."""
+    tokens, lps = sample_tensor(raw_logits, params, generators, processors)
+    return tokens.tolist(), lps
+
+
+def sample_tensor(
+    raw_logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    processors: LogitsBatch | None = None,
+) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
     """raw_logits: (S, V) float32, one row per sequence; ``processors`` (grammar, penalties, bias, min_p...)
-    shape what is sampled, while logprobs stay those of the model. Returns token ids and logprobs."""
+    shape what is sampled, while logprobs stay those of the model. Returns the token ids, (S,) int64 on the
+    logits' device, and the logprobs.
+
+    A batch of greedy rows without logprobs never waits for the device (argmax stays there). A random row
+    draws with its generator, which lives on the host (seeds give the same tokens on every device), from
+    probabilities copied there; a row with logprobs reads its token on the host."""
     logits = raw_logits if processors is None else apply_logits_processors(raw_logits, processors)
-    greedy_ids = logits.argmax(dim=-1).tolist()  # (S,) one pass for every greedy row
-    tokens: list[int] = []
+    tokens = logits.argmax(dim=-1)  # (S,) one pass for every greedy row
     for i, p in enumerate(params):
         if p.greedy:
-            tokens.append(greedy_ids[i])
             continue
         row = apply_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
         probs = row.softmax(-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+        gen = generators[i]
+        if probs.device != (gen.device if gen is not None else torch.device("cpu")):
+            probs = probs.cpu()  # a CUDA tensor cannot draw with a CPU generator
+        tokens[i] = torch.multinomial(probs, 1, generator=gen)[0]
     lps: list[TokenLogprob | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:
         logp = torch.log_softmax(raw_logits[want], dim=-1)  # (W, V): the model's own distribution
+        picked = tokens[want].tolist()
         for r, i in enumerate(want):
-            lps[i] = token_logprob(logp[r], tokens[i], params[i].logprobs or 0)
+            lps[i] = token_logprob(logp[r], picked[r], params[i].logprobs or 0)
     return tokens, lps
 
 

@@ -50,6 +50,8 @@ class Sequence:
     grammar: GrammarState | None = None  # structured outputs: compile future, then matcher
     bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token sequences
     min_tokens_stop_ids: list[int] = field(default_factory=list)  # banned until min_tokens (EOS, stop ids)
+    # async look-ahead: token_ids[-1] is a placeholder until the launched step's sampled id reaches the host
+    token_pending: bool = False
 
     @property
     def schedulable(self) -> bool:

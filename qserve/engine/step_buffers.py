@@ -10,12 +10,37 @@ sampled; padding sequences have length 0 and an empty query range (kernels.cpu_o
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 import torch
 
 from qserve.kernels.attention import KVLayout
 from qserve.layers.attention import AttentionMetadata
+
+
+def buffer_shapes(
+    max_tokens: int, max_seqs: int, max_blocks: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every device buffer :class:`StepBuffers` allocates (the planner counts
+    these same shapes, so its byte count is the allocation's)."""
+    return {
+        "input_ids": ((max_tokens,), torch.int64),
+        "positions": ((max_tokens,), torch.int64),
+        "slot_mapping": ((max_tokens,), torch.int64),
+        "seq_lens": ((max_seqs,), torch.int32),
+        "query_start_loc": ((max_seqs + 1,), torch.int32),
+        "block_tables": ((max_seqs, max_blocks), torch.int32),
+        # per decode row: the row of the last step's sampled tokens its input token is, or -1 (from the host)
+        "token_src": ((max_seqs,), torch.int64),
+        "logits_rows": ((max_seqs,), torch.int64),  # the hidden row each sampled sequence's logits come from
+    }
+
+
+def step_buffer_bytes(max_tokens: int, max_seqs: int, max_blocks: int) -> int:
+    """Device bytes of the step buffers (on CUDA the pinned host staging doubles them in host memory)."""
+    shapes = buffer_shapes(max_tokens, max_seqs, max_blocks)
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
 
 
 def token_buckets(max_tokens: int) -> tuple[int, ...]:
@@ -49,6 +74,9 @@ class StepView:
         )
 
 
+_FILLED = ("input_ids", "positions", "slot_mapping", "seq_lens", "query_start_loc", "block_tables")
+
+
 class StepBuffers:
     """Host staging (numpy views, pinned on CUDA) and device buffers, allocated once.
 
@@ -63,20 +91,30 @@ class StepBuffers:
         self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
         self.buckets = token_buckets(max_tokens)
         pin = device.type == "cuda"
-        shapes = {
-            "input_ids": ((max_tokens,), torch.int64),
-            "positions": ((max_tokens,), torch.int64),
-            "slot_mapping": ((max_tokens,), torch.int64),
-            "seq_lens": ((max_seqs,), torch.int32),
-            "query_start_loc": ((max_seqs + 1,), torch.int32),
-            "block_tables": ((max_seqs, max_blocks), torch.int32),
-        }
+        shapes = buffer_shapes(max_tokens, max_seqs, max_blocks)
         self.host = {k: torch.zeros(s, dtype=d, pin_memory=pin) for k, (s, d) in shapes.items()}
         self.np = {k: t.numpy() for k, t in self.host.items()}
         self.device_bufs = (
             self.host if not pin else {k: torch.zeros_like(t, device=device) for k, t in self.host.items()}
         )
         self.nbytes = sum(t.numel() * t.element_size() for t in self.device_bufs.values())
+        # CUDA: per staging buffer, the event after its last async copy. A copy reads the pinned memory when
+        # it runs, so the next write waits for it (with the async look-ahead a step is filled while the one
+        # before may still wait for its copies; those run as soon as the step before that is done)
+        self._copied: dict[str, torch.cuda.Event] = {}
+
+    def _staging(self, keys: tuple[str, ...]) -> None:
+        """Wait until the pending copies out of these staging buffers have run (CUDA; free on CPU)."""
+        for k in keys:
+            ev = self._copied.pop(k, None)
+            if ev is not None:
+                ev.synchronize()
+
+    def _copied_now(self, keys: tuple[str, ...]) -> None:
+        ev = torch.cuda.Event()
+        ev.record()
+        for k in keys:
+            self._copied[k] = ev
 
     def padded_shape(self, tokens: int, seqs: int) -> StepShape | None:
         """The bucket a step of ``tokens`` rows runs at, or None when it is larger than every bucket."""
@@ -101,6 +139,7 @@ class StepBuffers:
         t, s = shape.tokens, shape.seqs
         assert n <= t <= self.max_tokens and b <= s <= self.max_seqs, (n, t, b, s)
         a = self.np
+        self._staging(_FILLED)
         a["input_ids"][:n] = input_ids
         a["positions"][:n] = positions
         a["slot_mapping"][:n] = slots
@@ -118,9 +157,38 @@ class StepBuffers:
             bt[b:s] = 0
         if self.device_bufs is not self.host:  # CUDA: one async copy per buffer from pinned memory
             for k, dev in self.device_bufs.items():
+                if k in ("token_src", "logits_rows"):
+                    continue  # written by `token_sources` / `rows_index`
                 rows = t if k in ("input_ids", "positions", "slot_mapping") else s + (k == "query_start_loc")
                 dev[:rows].copy_(self.host[k][:rows], non_blocking=True)
+            self._copied_now(_FILLED)
         return self.view(shape)
+
+    def token_sources(self, rows: list[int]) -> torch.Tensor:
+        """Write, for the step's first ``len(rows)`` token rows, the row of the last step's sampled tokens
+        each takes its input token from (-1: the host wrote it); returns the device view (R,) int64."""
+        n = len(rows)
+        assert n <= self.max_seqs, (n, self.max_seqs)
+        self._staging(("token_src",))
+        self.np["token_src"][:n] = rows
+        dev = self.device_bufs["token_src"][:n]
+        if self.device_bufs is not self.host:
+            dev.copy_(self.host["token_src"][:n], non_blocking=True)
+            self._copied_now(("token_src",))
+        return dev
+
+    def rows_index(self, rows: list[int]) -> torch.Tensor:
+        """The hidden rows whose logits are sampled, as a device index (R,) int64 (a pinned async copy on
+        CUDA: indexing with a list would copy it synchronously, a host sync per step)."""
+        n = len(rows)
+        assert n <= self.max_seqs, (n, self.max_seqs)
+        self._staging(("logits_rows",))
+        self.np["logits_rows"][:n] = rows
+        dev = self.device_bufs["logits_rows"][:n]
+        if self.device_bufs is not self.host:
+            dev.copy_(self.host["logits_rows"][:n], non_blocking=True)
+            self._copied_now(("logits_rows",))
+        return dev
 
     def fill_padding(self, shape: StepShape) -> StepView:
         """An all-padding step (warm-up, capture): no KV write, nothing attended, the cache untouched."""

@@ -74,8 +74,9 @@ def device_memory(device: str) -> int:
 
 def kv_budget(opts: ServeOptions) -> tuple[int | None, int | None]:
     """(KV pool bytes, max_num_seqs) from --kv-cache-memory, or from --memory-budget through the planner
-    (weights, activation peak and KV: the same numbers `qserve plan` prints), or (None, None): engine default.
-    max_num_seqs comes back only when the planner chose it (--memory-budget with --max-num-seqs auto)."""
+    (weights, activation peak, step buffers, CUDA graph pool and KV: the same numbers `qserve plan` prints),
+    or (None, None): engine default. max_num_seqs comes back only when the planner chose it (--memory-budget
+    with --max-num-seqs auto)."""
     if opts.kv_cache_memory and opts.memory_budget:
         raise QServeError("give --kv-cache-memory or --memory-budget, not both")
     if opts.kv_cache_memory:
@@ -89,6 +90,8 @@ def kv_budget(opts: ServeOptions) -> tuple[int | None, int | None]:
         total = int(device_memory(opts.device) * fraction)
     else:
         total = parse_size(opts.memory_budget)
+    from qserve.engine.llm_engine import resolve_device
+
     auto = opts.max_num_seqs == "auto"
     p = plan_engine(
         opts.model,
@@ -97,6 +100,8 @@ def kv_budget(opts: ServeOptions) -> tuple[int | None, int | None]:
         kv_cache_dtype=opts.kv_cache_dtype,
         max_model_len=opts.max_model_len,
         max_num_seqs=None if auto else int(opts.max_num_seqs),
+        device=resolve_device(opts.device).type,  # CUDA: the graph pool is counted, unless eager
+        enforce_eager=opts.enforce_eager or os.environ.get("QSERVE_ENFORCE_EAGER") == "1",
     )
     return p.kv_cache_bytes, p.max_num_seqs if auto else None
 

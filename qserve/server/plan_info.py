@@ -59,4 +59,17 @@ def plan_lines(
         f"{format_size(kv.capacity_tokens * spec.bytes_per_token)} = {kv.capacity_tokens} tokens",
         f"capacity      {kv.capacity_tokens // engine.max_model_len} sequences at max_model_len {engine.max_model_len}",
         f"max_num_seqs  {engine.scheduler.max_num_seqs}, max_queue {max_queue}",
+        f"step          buffers {format_size(engine.runner.buffers.nbytes)}, {graph_line(engine)}",
     ]
+
+
+def graph_line(engine: Any) -> str:
+    """The CUDA graphs the engine captured, with their pool measured and as planned; or why there are none."""
+    graphs = engine.runner.graphs
+    if graphs is None:
+        why = "CPU" if engine.device.type != "cuda" else "--enforce-eager or a failed capture"
+        return f"no CUDA graphs ({why})"
+    return (
+        f"{len(graphs.graphs)} CUDA graphs (decode buckets up to {graphs.sizes[-1]}), pool "
+        f"{format_size(graphs.memory_bytes)} measured, {format_size(engine.graph_pool_planned)} planned"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qserve.engine.step_buffers import StepBuffers, StepShape, token_buckets
+from qserve.engine.step_buffers import StepBuffers, StepShape, step_buffer_bytes, token_buckets
 
 
 def test_token_buckets_follow_vllm_capture_sizes() -> None:
@@ -60,4 +60,13 @@ def test_fill_unpadded_shape_is_exact() -> None:
     view = buf.fill([1, 2], [0, 1], [0, 1], [2], [0, 2], [[0]], StepShape(2, 1))
     assert view.input_ids.shape == (2,) and view.seq_lens.shape == (1,)
     assert view.query_start_loc.tolist() == [0, 2] and view.block_tables.shape == (1, 2)
-    assert buf.nbytes == (3 * 16) * 8 + (4 + 5 + 8) * 4
+    assert buf.nbytes == (3 * 16) * 8 + (4 + 5 + 8) * 4 + 2 * 4 * 8  # + int64 token sources, logits rows
+
+
+def test_planned_bytes_are_the_allocation() -> None:
+    """The planner's step-buffer bytes are what StepBuffers allocates, for many sizes."""
+    for tokens, seqs, blocks in ((1, 1, 1), (64, 8, 4), (2048, 256, 256), (8192, 512, 8192), (300, 7, 33)):
+        buf = StepBuffers(tokens, seqs, blocks, torch.device("cpu"))
+        real = sum(t.numel() * t.element_size() for t in buf.device_bufs.values())
+        assert step_buffer_bytes(tokens, seqs, blocks) == buf.nbytes == real
+        assert real == 24 * tokens + 4 * (2 * seqs + 1 + seqs * blocks) + 16 * seqs
