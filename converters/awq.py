@@ -14,6 +14,7 @@ For each decoder layer, in order and with only that layer's weights in memory:
 
 The report gets, per linear, the relative output error on calibration activations of plain RTN and of
 the searched weights (``rtn_output_error`` / ``awq_output_error``), the chosen alpha and clipping.
+The MLP of an MoE layer (experts, router, shared expert) is scaled by :mod:`qserve.converters.awq_moe`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 
 from qserve.config import ModelConfig
 from qserve.converters.awq_search import fake_quant, output_error, search_clip, search_scale
-from qserve.converters.plan import Target, Unit
+from qserve.converters.plan import LINEAR_LEAVES, Target, Unit
 from qserve.converters.report import Report
 from qserve.converters.stream import ShardedWriter, SourceCheckpoint
 from qserve.errors import QServeError
@@ -50,18 +51,24 @@ class Group:
     tie: tuple[int, int, int] | None = None  # GQA o_proj: (kv_heads, q heads per kv head, head_dim)
 
 
-def groups(cfg: ModelConfig) -> list[Group]:
+def groups(cfg: ModelConfig, sparse: bool = False) -> list[Group]:
+    """The scaled groups of one decoder layer; a ``sparse`` (MoE) layer's MLP is left to converters/awq_moe.py."""
     # Under GQA one v_proj row feeds `group` o_proj columns (one per query head of its KV group), so
     # those columns must share a scale for 1/s to fold into v_proj exactly.
     group = cfg.num_heads // cfg.num_kv_heads
     tie = (cfg.num_kv_heads, group, cfg.head_dim) if group > 1 else None
-    return [
+    attention = [
         Group(
             "input_layernorm",
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
             "self_attn.qkv_proj",
         ),
         Group("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", tie),
+    ]
+    if sparse:
+        return attention
+    return [
+        *attention,
         Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_up_proj"),
         Group("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ]
@@ -94,6 +101,7 @@ def run_awq(
     advance: Callable[[int, str], None],
 ) -> None:
     """Quantize ``units`` with activation-aware scales and clipping, writing them in plan order."""
+    from qserve.converters.awq_moe import apply_moe
     from qserve.converters.convert import process_unit, write_unit
 
     ids = calibration_ids(src_dir, calib_text)
@@ -113,9 +121,13 @@ def run_awq(
         names = [n for u in layer_units for n in u.inputs.values()]
         tensors = {n: ckpt.read(n) for n in names}  # this layer's source tensors, by full name
         prefix = names[0][: names[0].index(f".layers.{layer_idx}.")] + f".layers.{layer_idx}"
-        inputs, h_next = runner.run(prefix, tensors, h)
-        for group in groups(cfg):
+        sparse = cfg.moe is not None and layer_idx in cfg.moe.sparse_layers
+        inputs, h_next = runner.run(prefix, tensors, h, layer_idx)
+        for group in groups(cfg, sparse):
             apply_group(group, prefix, tensors, inputs[group.captured], target, report)
+        if sparse:
+            assert cfg.moe is not None
+            apply_moe(cfg.moe, prefix, tensors, inputs["mlp"], target, report)
         for unit in layer_units:
             outputs = process_unit(unit, {s: tensors[n] for s, n in unit.inputs.items()}, target, report)
             write_unit(unit, outputs, writer)
@@ -130,8 +142,14 @@ def apply_group(
     x: torch.Tensor,
     target: Target,
     report: Report,
+    note: dict[str, Any] | None = None,
 ) -> None:
-    """Search and apply scales (folding 1/s into the producer) and clipping for one group, in ``tensors``."""
+    """Search and apply scales (folding 1/s into the producer) and clipping for one group, in ``tensors``.
+
+    Clipping is kept only where it lowers the linear's output error on ``x`` (groups are clipped one by
+    one, so their errors could add up), so each linear ends no worse than its scaled, unclipped weight,
+    which is no worse than RTN (s = 1 is a candidate). ``note`` is added to each linear's report entry.
+    """
     names = [f"{prefix}.{lin}.weight" for lin in group.linears]
     if any(n not in tensors for n in names):
         return
@@ -141,14 +159,13 @@ def apply_group(
     s, alpha = search_scale(x, torch.cat(list(ws.values())), target, scale_dtype, group.tie)
     for n, w in ws.items():
         module = n.removesuffix(".weight")
-        w_s = w * s  # (N, K): columns x s, kept in float32 until quantized
-        if not module.endswith(NO_CLIP):
-            w_s = search_clip(x / s, w_s, target, scale_dtype)
+        w_s, err = clip_if_better(module, x, w, s, target, scale_dtype)
         report.add(module, {
+            **(note or {}),
             "alpha": alpha,
             "clipped_fraction": float((w_s != w * s).float().mean()),
             "rtn_output_error": output_error(x, w, fake_quant(w, target, scale_dtype)),
-            "awq_output_error": output_error(x, w, fake_quant(w_s, target, scale_dtype) / s),
+            "awq_output_error": err,
         })  # fmt: skip
         tensors[n] = w_s
     s_prev = s if group.tie is None else s.view(*group.tie)[:, 0].reshape(-1)  # GQA: one per v_proj row
@@ -160,8 +177,22 @@ def apply_group(
         t = (
             t / s_prev if t.dim() == 1 else t / s_prev[:, None]
         )  # RMSNorm gain, or the producing linear's rows
-        linear_weight = suffix == "weight" and group.prev.endswith("_proj")
+        linear_weight = suffix == "weight" and group.prev.rpartition(".")[2] in LINEAR_LEAVES
         tensors[prev] = t if linear_weight else t.to(tensors[prev].dtype)  # copied tensors keep their dtype
+
+
+def clip_if_better(
+    module: str, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, target: Target, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, float]:
+    """``w * s`` (N, K), clipped (not q/k) where that lowers the output error on x; and that error."""
+    w_s = w * s  # columns x s, kept in float32 until quantized
+    err = output_error(x, w, fake_quant(w_s, target, scale_dtype) / s)
+    if not module.endswith(NO_CLIP) and x.shape[0] > 0:
+        clipped = search_clip(x / s, w_s, target, scale_dtype)
+        clipped_err = output_error(x, w, fake_quant(clipped, target, scale_dtype) / s)
+        if clipped_err <= err:
+            return clipped, clipped_err
+    return w_s, err
 
 
 class _LayerRunner:
@@ -174,16 +205,29 @@ class _LayerRunner:
         self.rotary = RotaryEmbedding(cfg.head_dim, max(seq_len, cfg.max_position_embeddings), cfg.rope)
 
     def run(
-        self, prefix: str, tensors: dict[str, torch.Tensor], h: torch.Tensor
+        self, prefix: str, tensors: dict[str, torch.Tensor], h: torch.Tensor, layer_idx: int = 0
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Run layer ``layer_idx`` (its source tensors by full name, under ``prefix``) on h (S, T, H).
+
+        Returns the captured inputs by runtime module (each group's ``captured``, and ``mlp``: the MoE
+        block's input in a sparse layer), rows in (sequence, position) order, and the layer's output.
+        """
         from qserve.models.llama import FUSED_PROJECTIONS, LlamaDecoderLayer
+        from qserve.models.moe import CHECKPOINT_RENAMES
 
         cfg, (s, t, _) = self.cfg, h.shape
-        layer = LlamaDecoderLayer(cfg, self.rotary, None, torch.float32, torch.device("cpu"))
+        layer = LlamaDecoderLayer(cfg, self.rotary, None, torch.float32, torch.device("cpu"), layer_idx)
+        sparse = cfg.moe is not None and layer_idx in cfg.moe.sparse_layers
         modules, params = dict(layer.named_modules()), dict(layer.named_parameters())
         shards: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        experts: dict[str, torch.Tensor] = {}  # relative to mlp.experts, for FusedMoE.load_named
         for name, tensor in tensors.items():
             rel = name[len(prefix) + 1 :]
+            for old, new in CHECKPOINT_RENAMES:  # Mixtral's block_sparse_moe -> mlp
+                rel = rel.replace(old.lstrip("."), new.lstrip("."))
+            if rel.startswith("mlp.experts."):
+                experts[rel.removeprefix("mlp.experts.")] = tensor.float()
+                continue
             module, _, suffix = rel.rpartition(".")
             parent, _, leaf = module.rpartition(".")
             if leaf in FUSED_PROJECTIONS:
@@ -195,12 +239,15 @@ class _LayerRunner:
                 params[rel].data.copy_(tensor)
         for module, parts in shards.items():
             modules[module].load([parts[i] for i in sorted(parts)])  # type: ignore[operator]
+        if experts:
+            modules["mlp.experts"].load_named(experts)  # type: ignore[operator]
         captured: dict[str, list[torch.Tensor]] = {}
+        keys = [g.captured for g in groups(cfg, sparse)] + (["mlp"] if sparse else [])
         hooks = [
-            modules[g.captured].register_forward_pre_hook(
-                lambda _m, args, key=g.captured: captured.setdefault(key, []).append(args[0].detach())
+            modules[key].register_forward_pre_hook(
+                lambda _m, args, key=key: captured.setdefault(key, []).append(args[0].detach())
             )
-            for g in groups(cfg)
+            for key in keys
         ]
         # Offline there is no paged KV cache: swap the attention kernel for plain causal SDPA.
         setattr(layer.self_attn, "attn", _CausalAttention(layer.self_attn.attn))  # noqa: B010

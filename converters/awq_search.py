@@ -48,25 +48,35 @@ def search_scale(
     def loss(s: torch.Tensor) -> float:
         return output_error(x, w, fake_quant(w * s, target, scale_dtype) / s)
 
+    best, best_loss, best_alpha = torch.ones(w.shape[1]), loss(torch.ones(w.shape[1])), -1.0
+    for a, s in scale_candidates(x.abs().mean(0), w, target, tie):
+        cur = loss(s)
+        if cur < best_loss:
+            best, best_loss, best_alpha = s, cur, a
+    return best, best_alpha
+
+
+def scale_candidates(
+    x_mean: torch.Tensor, w: torch.Tensor, target: Target, tie: tuple[int, int, int] | None = None
+) -> list[tuple[float, torch.Tensor]]:
+    """The (alpha, s) candidates of :func:`search_scale` (s = 1 excluded), from mean |x| (K,) and w (N, K)."""
+
     def tied(s: torch.Tensor) -> torch.Tensor:
         if tie is None:
             return s
         sh = s.log().view(*tie).mean(1, keepdim=True)  # (Hkv, 1, D): geometric mean over the group
         return sh.expand(*tie).reshape(-1).exp()  # (K,)
 
-    x_mean = x.abs().mean(0).clamp(min=1e-8)  # (K,)
+    x_mean = x_mean.clamp(min=1e-8)  # (K,)
     g = target.group_size if target.weights == "int4" else w.shape[1]
     wg = w.abs().view(w.shape[0], -1, g)  # (N, K/G, G)
     w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).view_as(w).mean(0).clamp(min=1e-8)  # (K,)
-    best, best_loss, best_alpha = torch.ones_like(x_mean), loss(torch.ones_like(x_mean)), -1.0
+    out = []
     for i in range(SCALE_GRID):
         a = i / SCALE_GRID
         for s in (x_mean.pow(a) / w_mean.pow(1 - a), x_mean.pow(a)):
-            s = tied((s / (s.max() * s.min()).sqrt()).clamp(min=1e-4))
-            cur = loss(s)
-            if cur < best_loss:
-                best, best_loss, best_alpha = s, cur, a
-    return best, best_alpha
+            out.append((a, tied((s / (s.max() * s.min()).sqrt()).clamp(min=1e-4))))
+    return out
 
 
 def search_clip(x: torch.Tensor, w: torch.Tensor, target: Target, scale_dtype: torch.dtype) -> torch.Tensor:

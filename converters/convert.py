@@ -69,11 +69,11 @@ def convert(
                 f"--weights nf4 does not support MoE models ({cfg.architecture}): use int4 or int8"
             )
         qconfig = bnb_config(cfg.dtype)
-    if target.source is None and qconfig.get("method") == "awq" and cfg.moe is not None:
-        raise QServeError(
-            f"--method awq does not support MoE models ({cfg.architecture}) yet: use --method rtn"
-        )
     ckpt = SourceCheckpoint(src_dir)
+    if target.source is None and qconfig.get("method") == "awq" and cfg.moe is not None:
+        from qserve.converters.awq_moe import check_moe_layout
+
+        check_moe_layout(ckpt)
     units = plan(ckpt, target)
     if not any(u.kind != "copy" for u in units):
         raise QServeError(f"no decoder linear layers found in {src_dir}")

@@ -15,6 +15,8 @@ Axes (``full=False`` is what ``make test`` compiles; ``full=True`` the whole cro
   with each activation dtype (scales of the same dtype, no split), and every other dtype pair with the first
   config; full: every config with every dtype combination. The dequantize kernel: every bits x dtype pair.
 * fused MoE: float / int8 / int4 (group 128; full: 32 / 64) experts x fp16 / bf16 activations, both GEMMs.
+* bitsandbytes NF4 / FP4 matmul: every config x fp16 / bf16 / fp32 activations x double quantization or
+  not x absmax per row (K % 64 == 0) or per element (blocks spanning rows).
 * paged attention (launch parameters: ``default_config``, there is no autotuner): head_dim 64 / 128 / 256
   (full: 16 and 32 too), float / int8 / int4 cache, q fp16 / bf16 / fp32 (float caches of q's dtype; full:
   any float cache dtype), decode with and without the context split, GQA 4 and block size 16 (full: GQA
@@ -211,6 +213,28 @@ def _moe_launches(rec: _Recorder, full: bool) -> None:
         fused_moe_triton(_e(t, h, dtype=act), ids, weights, w13, w2, kind, inter, group_size=group, **extra)
 
 
+def _bnb4_launches(rec: _Recorder, full: bool) -> None:
+    """The bitsandbytes NF4 / FP4 matmul: every config as the launcher adapts it (choose_config) x fp16 / bf16 /
+    fp32 activations x double quantization or not x row-aligned blocks (K % 64 == 0, bitsandbytes' blocksize
+    64) or blocks spanning rows."""
+    from qserve.kernels.bnb4_matmul import Bnb4Weight, bnb4_configs, bnb4_matmul_triton
+
+    n, blocksize = MM_N, 64
+    for k, nested, cfg in itertools.product((MM_K, MM_K - 16), (False, True), bnb4_configs()):
+        blocks = -(-n * k // blocksize)
+        absmax = _e(blocks, dtype=torch.uint8 if nested else torch.float32)
+        nested_parts = (
+            (_e(256, dtype=torch.float32), _e(-(-blocks // 256), dtype=torch.float32))
+            if nested
+            else (None, None)
+        )
+        w = Bnb4Weight(_e(n * k // 2, dtype=torch.uint8), _e(16, dtype=torch.float32), absmax, blocksize, (n, k),
+                       *nested_parts, 256, 0.5)  # fmt: skip
+        for act in FLOATS:  # the configs the launcher chooses (choose_config) for this M, K and dtype
+            rec.label = f"bnb4 k={k} nested={nested}"
+            bnb4_matmul_triton(_e(cfg["BLOCK_M"], k, dtype=act), w)
+
+
 def launches(full: bool = False) -> list[Launch]:
     """Every launch of every Triton kernel in ``kernels/`` over the axes of the module docstring."""
     if qml._interpreting():
@@ -219,4 +243,5 @@ def launches(full: bool = False) -> list[Launch]:
         _matmul_launches(rec, full)
         _attention_launches(rec, full)
         _moe_launches(rec, full)
+        _bnb4_launches(rec, full)
     return rec.launches

@@ -15,6 +15,8 @@ padded rows with ``-1``. Weight layouts (``kind``):
   ``aten._convert_weight_to_int4pack_for_cpu`` with N13 = 2I padded to a multiple of 16, ``w13_scales``
   bf16 (E, H/G, N13, 2) scale/zero pairs; ``w2``/``w2_scales`` alike with N2 = H padded. Runs in bfloat16.
 * ``"cpu-int8"``: ``w13`` int8 (E, 2I, H), ``w13_scales`` bf16 (E, 2I); ``w2`` int8 (E, H, I) alike. bfloat16.
+* ``"cpu-bf16"``: bf16 experts prepacked for oneDNN, one tensor per expert, through the separate op
+  :func:`moe_experts_packed` (``qserve::moe_experts_packed``): the layout cannot be stacked.
 * ``"int4"`` / ``"int8"``: qserve's layout (:mod:`qserve.kernels.packing`) stacked over experts
   (``w13`` (E, 2I, H/2) uint8 or (E, 2I, H) int8, scales, and for int4 ``w13_zeros``/``w2_zeros``), computed
   on CUDA by the fused Triton kernel, elsewhere per expert by the reference dequantize + matmul.
@@ -28,6 +30,8 @@ opaque to the compiler: its only data-dependent step, the per-expert row counts,
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -146,8 +150,29 @@ def moe_experts_op(
             x, topk_ids, topk_weights, w13, w2, kind, inter, w13_scales, w2_scales, w13_zeros, w2_zeros,
             group_size,
         )  # fmt: skip
+
+    def expert(e: int, r: Tensor) -> Tensor:  # (c, H) rows of expert e -> (c, H)
+        z13 = None if w13_zeros is None else w13_zeros[e]
+        z2 = None if w2_zeros is None else w2_zeros[e]
+        s13 = None if w13_scales is None else w13_scales[e]
+        s2 = None if w2_scales is None else w2_scales[e]
+        h = _expert_matmul(r, w13[e], s13, z13, kind, group_size, 2 * inter, hidden)  # (c, 2I)
+        act = F.silu(h[:, :inter]) * h[:, inter:]  # (c, I)
+        return _expert_matmul(act, w2[e], s2, z2, kind, group_size, hidden, inter)
+
+    return _grouped(x, topk_ids, topk_weights, w13.shape[0], expert)
+
+
+def _grouped(
+    x: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    num_experts: int,
+    expert: Callable[[int, Tensor], Tensor],
+) -> Tensor:
+    """Sort assignments by expert, run ``expert(e, rows)`` once per expert with rows, gather back, sum."""
     t, top_k = topk_ids.shape
-    num_experts = w13.shape[0]
+    hidden = x.shape[1]
     if t == 0:
         return x.new_zeros((0, hidden))
     flat = topk_ids.reshape(-1).long()  # (A,) A = T * top_k assignments
@@ -163,14 +188,7 @@ def moe_experts_op(
         c = counts[e]
         if c == 0:
             continue
-        r = rows[start : start + c]  # (c, H)
-        z13 = None if w13_zeros is None else w13_zeros[e]
-        z2 = None if w2_zeros is None else w2_zeros[e]
-        s13 = None if w13_scales is None else w13_scales[e]
-        s2 = None if w2_scales is None else w2_scales[e]
-        h = _expert_matmul(r, w13[e], s13, z13, kind, group_size, 2 * inter, hidden)  # (c, 2I)
-        act = F.silu(h[:, :inter]) * h[:, inter:]  # (c, I)
-        ys[start : start + c] = _expert_matmul(act, w2[e], s2, z2, kind, group_size, hidden, inter)
+        ys[start : start + c] = expert(e, rows[start : start + c])
         start += c
     # Back to (token, slot) order by a gather, not a scatter-add over H (which is ~100x slower on CPU here):
     # inv[a] = row of ys holding assignment a, or the zero row for dropped assignments.
@@ -180,6 +198,35 @@ def moe_experts_op(
     per_slot = ys[inv].view(t, top_k, hidden).float()  # (T, k, H)
     w = topk_weights.float().unsqueeze(-1)  # (T, k, 1)
     return (per_slot * w).sum(dim=1).to(x.dtype)
+
+
+@torch.library.custom_op("qserve::moe_experts_packed", mutates_args=())
+def moe_experts_packed(
+    x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w13: list[Tensor], w2: list[Tensor], inter: int
+) -> Tensor:
+    """Kind ``cpu-bf16``: the grouped loop on bf16 experts prepacked for oneDNN, one tensor per expert.
+
+    ``w13[e]`` / ``w2[e]`` come from ``torch.ops.mkldnn._reorder_linear_weight`` of (2I, H) / (H, I) bf16
+    weights (oneDNN's blocked layout cannot be stacked, hence lists); results are those of ``F.linear`` on the
+    unpacked weights. x (T, H) -> (T, H) in x's dtype; ids outside [0, E) are ignored.
+    """
+    if len(w13) != len(w2) or not w13:
+        raise ValueError(f"moe_experts_packed: {len(w13)} gate/up and {len(w2)} down experts")
+
+    def expert(e: int, r: Tensor) -> Tensor:
+        r = r.to(torch.bfloat16)
+        h = torch.ops.mkldnn._linear_pointwise(r, w13[e], None, "none", [], "")  # (c, 2I)
+        act = F.silu(h[:, :inter]) * h[:, inter:]  # (c, I)
+        return torch.ops.mkldnn._linear_pointwise(act, w2[e], None, "none", [], "").to(x.dtype)
+
+    return _grouped(x, topk_ids, topk_weights, len(w13), expert)
+
+
+@moe_experts_packed.register_fake
+def _(
+    x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w13: list[Tensor], w2: list[Tensor], inter: int
+) -> Tensor:
+    return x.new_empty(x.shape)
 
 
 @moe_experts_op.register_fake

@@ -113,7 +113,10 @@ class LLMEngine:
         caches = self.kv_spec.allocate(num_blocks, self.device)
         # torch.compile on CPU (CUDA runs eager until graphs land); steps past the token budget run eager
         compiled = None
-        if not config.enforce_eager and self.device.type == "cpu":
+        eager_only = [m.compile_blocker for m in self.model.modules() if getattr(m, "compile_blocker", None)]
+        if not config.enforce_eager and self.device.type == "cpu" and eager_only:
+            logger.warning("the forward runs eager: %s", eager_only[0])
+        elif not config.enforce_eager and self.device.type == "cpu":
             compiled = CompiledForward(self.model, config.max_num_batched_tokens)
         self.runner = ModelRunner(
             self.model,

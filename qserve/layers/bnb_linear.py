@@ -4,9 +4,10 @@ A 4-bit bitsandbytes weight is a 16-entry codebook index per element (nf4: norma
 tiny float format) with one float32 absmax per block of 64 elements (double quantization: those absmax
 themselves 8-bit quantized in blocks of 256 with a float32 absmax each). No affine int4 layout represents it
 exactly, so this layer keeps the checkpoint's packed weight and ``QuantState`` in bitsandbytes' own
-``Linear4bit`` (what transformers runs them with): its CPU kernel (a bf16 AVX512 GEMM where the CPU has it,
-else dequantize + matmul) or its CUDA kernels. Fused projections (q/k/v, gate/up) keep one Linear4bit per
-part and concatenate the outputs.
+``Linear4bit`` (what transformers runs them with). On CPU it runs bitsandbytes' CPU kernel (a bf16 AVX512
+GEMM where the CPU has it, else dequantize + matmul); on CUDA qserve's Triton NF4 / FP4 dequant-matmul
+(:mod:`qserve.kernels.bnb4_matmul`) on the same tensors, double quantization included. Fused projections
+(q/k/v, gate/up) keep one Linear4bit per part and concatenate the outputs.
 
 Checkpoint tensors of one projection ``P`` (as transformers saves a ``BitsAndBytesConfig(load_in_4bit)``
 model): ``P.weight`` uint8 (ceil(N K / 2), 1), ``P.weight.absmax``, ``P.weight.quant_map`` (16,),
@@ -23,7 +24,9 @@ import torch
 from torch import nn
 
 from qserve.errors import QServeError
+from qserve.kernels.bnb4_matmul import Bnb4Weight, bnb4_matmul
 from qserve.kernels.packing import QuantSpec
+from qserve.kernels.quant_matmul_configs import HAS_TRITON
 
 BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state")
 
@@ -46,6 +49,10 @@ class Bnb4bitLinear(nn.Module):
         self.has_bias = bias
         self.bias: torch.Tensor | None = None
         self.parts = nn.ModuleList()  # one bitsandbytes Linear4bit per sub-projection (q, k, v ...)
+        self.kernel_weights: list[Bnb4Weight] | None = None  # set: forward runs qserve's Triton kernel
+        self.compile_blocker: str | None = (
+            None  # why the engine must not torch.compile this layer (read there)
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -98,6 +105,31 @@ class Bnb4bitLinear(nn.Module):
                 raise QServeError("checkpoint lacks a bias the config asks for")
             self.bias = torch.cat([s["bias"] for s in shards]).to(self.device, self.dtype)
         self.parts = parts
+        self.kernel_weights = None
+        if self.device.type == "cuda" and HAS_TRITON and self.in_features % 2 == 0:  # (the kernel's limit)
+            self.use_kernel()
+        elif self.device.type == "cpu":
+            self.compile_blocker = (
+                "bitsandbytes' CPU 4-bit GEMM re-packs its weights during the first forward, which a compiled "
+                "forward cannot follow (inductor's graph expects the packed shapes)"
+            )
+
+    def use_kernel(self) -> None:
+        """Run forward through :func:`qserve.kernels.bnb4_matmul.bnb4_matmul` on bitsandbytes' own tensors.
+
+        Done at load on CUDA; elsewhere the op is the pure-torch reference (or the Triton kernel in
+        Triton's interpreter, which is how the tests reach it on CPU). On CPU it must come before the first
+        forward: bitsandbytes re-packs the weights for its CPU GEMM then.
+        """
+        weights = []
+        for lin in self._linears(self.parts):
+            if getattr(lin.weight.quant_state, "packing_format_for_cpu", False):
+                # bitsandbytes re-packed it for its CPU GEMM on a first forward; its inverse is not exact
+                # (0.50.2, K = 128), so the original layout is gone
+                raise RuntimeError("use_kernel() must come before the first forward on CPU")
+            weights.append(Bnb4Weight.from_quant_state(lin.weight.data, lin.weight.quant_state))
+        self.kernel_weights = weights
+        self.compile_blocker = None
 
     @staticmethod
     def _linears(parts: nn.ModuleList) -> list[Any]:  # bitsandbytes' Linear4bit (untyped)
@@ -120,7 +152,10 @@ class Bnb4bitLinear(nn.Module):
             raise RuntimeError("Bnb4bitLinear used before load()")
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (T, K)
-        ys = [lin(x2) for lin in self.parts]  # (T, N_i) each
+        if self.kernel_weights is not None:
+            ys = [bnb4_matmul(x2, w) for w in self.kernel_weights]  # (T, N_i) each
+        else:
+            ys = [lin(x2) for lin in self.parts]
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

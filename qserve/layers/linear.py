@@ -61,9 +61,10 @@ class Linear(nn.Module):
 
 
 def prepack_cpu_linears(model: nn.Module) -> int:
-    """Prepack every bf16 float `Linear` of a CPU model whose weight no other module shares.
+    """Prepack every bf16 float `Linear` of a CPU model whose weight no other module shares, and the bf16
+    experts of every MoE layer.
 
-    Returns how many were packed. A no-op where oneDNN (mkldnn) is unavailable.
+    Returns how many were packed (linears and experts). A no-op where oneDNN (mkldnn) is unavailable.
     """
     if not torch.backends.mkldnn.is_available():
         return 0
@@ -77,6 +78,8 @@ def prepack_cpu_linears(model: nn.Module) -> int:
         if isinstance(m, Linear) and not shared and w is not None and w.dtype == torch.bfloat16 and w.is_cpu:
             m.prepack_cpu()
             n += 1
+        elif hasattr(m, "prepack_cpu_experts"):  # qserve.layers.moe.FusedMoE: every bf16 expert, packed
+            n += int(m.prepack_cpu_experts())  # type: ignore[operator]
     return n
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from qserve.errors import QServeError
-from qserve.kernels.moe import moe_experts
+from qserve.kernels.moe import moe_experts, moe_experts_packed
 from qserve.kernels.packing import QuantizedWeight, QuantSpec, quantize
 from qserve.layers.quant_linear import cpu_int4_ok, pack_cpu_int4
 
@@ -56,7 +56,8 @@ class FusedMoE(nn.Module):
     """All experts of one MoE layer; ``forward(x (T, H), topk_ids, topk_weights) -> (T, H)``.
 
     Invariants: after :meth:`load_named`, ``kind`` is "float", "cpu-int4", "cpu-int8", "int4" or "int8" (the
-    :mod:`qserve.kernels.moe` layout of ``w13``/``w2`` and their scales/zeros), and every expert was filled.
+    :mod:`qserve.kernels.moe` layout of ``w13``/``w2`` and their scales/zeros), and every expert was filled;
+    :meth:`prepack_cpu_experts` turns bf16 "float" experts on CPU into "cpu-bf16" (``w13_packed``/``w2_packed``).
     """
 
     def __init__(
@@ -83,6 +84,8 @@ class FusedMoE(nn.Module):
         self.w2_scales: torch.Tensor | None = None
         self.w13_zeros: torch.Tensor | None = None
         self.w2_zeros: torch.Tensor | None = None
+        self.w13_packed: list[torch.Tensor] = []  # kind "cpu-bf16": one oneDNN-packed tensor per expert
+        self.w2_packed: list[torch.Tensor] = []
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, hidden={self.hidden}, intermediate={self.inter}, kind={self.kind}"
@@ -194,16 +197,39 @@ class FusedMoE(nn.Module):
                 self.w13_zeros = torch.stack([q.zeros for q in q13 if q.zeros is not None]).to(dev)
                 self.w2_zeros = torch.stack([q.zeros for q in q2 if q.zeros is not None]).to(dev)
 
+    def prepack_cpu_experts(self) -> int:
+        """bf16 float experts on CPU -> kind "cpu-bf16": each expert's weights reordered once into oneDNN's
+        blocked layout (as :meth:`qserve.layers.linear.Linear.prepack_cpu`; otherwise oneDNN reorders them on
+        every call). The stacked weights are released. Returns how many experts were packed (0: not eligible).
+        """
+        if self.kind != "float" or self.w13 is None or self.w2 is None:
+            return 0
+        if (
+            self.device.type != "cpu"
+            or self.w13.dtype != torch.bfloat16
+            or not torch.backends.mkldnn.is_available()
+        ):
+            return 0
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self.w13_packed = [reorder(self.w13[e].contiguous(), 64) for e in range(self.num_experts)]
+        self.w2_packed = [reorder(self.w2[e].contiguous(), 64) for e in range(self.num_experts)]
+        self.w13 = self.w2 = None
+        self.kind = "cpu-bf16"
+        return self.num_experts
+
     @property
     def nbytes(self) -> int:
         """Bytes the experts hold on their device, as loaded."""
         ts = (self.w13, self.w2, self.w13_scales, self.w2_scales, self.w13_zeros, self.w2_zeros)
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        packed = [*self.w13_packed, *self.w2_packed]
+        return sum(t.numel() * t.element_size() for t in [*ts, *packed] if t is not None)
 
     # --------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x (T, H), topk_ids / topk_weights (T, top_k) -> (T, H) in x's dtype."""
+        if self.kind == "cpu-bf16":
+            return moe_experts_packed(x, topk_ids, topk_weights, self.w13_packed, self.w2_packed, self.inter)
         if self.w13 is None or self.w2 is None:
             raise RuntimeError("FusedMoE used before load_named()")
         return moe_experts(

@@ -147,7 +147,9 @@ def listed(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 def test_every_kernel_is_listed(listed: list[dict[str, Any]]) -> None:
     names = _triton_kernels()
-    assert len(names) == 11  # 4 matmul + split-K reduce + dequant + store + decode + reduce + prefill + MoE
+    assert (
+        len(names) == 12
+    )  # 4 matmul + split-K reduce + dequant + store + decode + reduce + prefill + MoE + bnb4
     assert {r["kernel"] for r in listed} == names
 
 

@@ -40,3 +40,39 @@ def test_route_bitwise_equals_transformers(arch: str, norm: bool, dtype: torch.d
     assert torch.equal(ids, hf_ids)
     assert w.dtype == hf_w.dtype
     assert torch.equal(w, hf_w)
+
+
+@pytest.mark.parametrize("t", [0, 1, 7, 40])
+def test_prepacked_bf16_experts_match_the_float_kind(t: int) -> None:
+    """kind cpu-bf16 (oneDNN-packed experts, one tensor each) computes what the stacked bf16 experts do."""
+    from qserve.layers.moe import FusedMoE
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("needs oneDNN")
+    e, h, i, k = 8, 64, 32, 2
+    g = torch.Generator().manual_seed(t)
+    tensors = {
+        f"{x}.{p}.weight": torch.randn(*(s), generator=g).to(torch.bfloat16) * 0.2
+        for x in range(e)
+        for p, s in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i)))
+    }
+    layers = []
+    for _ in range(2):
+        m = FusedMoE(e, h, i, None, torch.bfloat16, torch.device("cpu"))
+        m.load_named(dict(tensors))
+        layers.append(m)
+    assert layers[1].prepack_cpu_experts() == e and layers[1].kind == "cpu-bf16" and layers[1].w13 is None
+    assert layers[1].nbytes == layers[0].nbytes and layers[1].prepack_cpu_experts() == 0
+    x = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    ids = (
+        torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k).long()
+    )
+    if t > 3:
+        ids[1, 0] = -1  # a padded slot contributes nothing
+    w = torch.rand(t, k, generator=g)
+    want, got = layers[0](x, ids, w), layers[1](x, ids, w)
+    assert got.shape == (t, h) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    compiled = torch.compile(lambda a, b, c: layers[1](a, b, c), fullgraph=True, dynamic=True)
+    if t:
+        torch.testing.assert_close(compiled(x, ids, w).float(), got.float(), rtol=0, atol=0)

@@ -106,3 +106,59 @@ def test_convert_nf4_errors(tiny_model_factory: Callable[..., Path], tmp_path: P
     with pytest.raises(QServeError, match="nf4 does not support MoE"):
         convert(tiny_model_factory("mixtral"), tmp_path / "b", weights="nf4", progress=False)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4-dq", "fp4", "fp4-dq"])
+def test_triton_kernel_path_matches_bitsandbytes(
+    kind: str, tiny_model_factory: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer's CUDA branch (qserve's Triton NF4 / FP4 kernel), reached on CPU in Triton's interpreter,
+    computes what bitsandbytes' own Linear4bit does on the same tensors; the whole model still agrees with
+    transformers + bitsandbytes."""
+    pytest.importorskip("triton")
+    import bitsandbytes.functional as bf
+
+    from qserve.layers.bnb_linear import Bnb4bitLinear
+
+    src = tiny_model_factory("llama")
+    hf = quantize_with_transformers(src, tmp_path / kind, **CONFIGS[kind])
+    llm = LLM(str(tmp_path / kind), kv_cache_memory=1 << 20, dtype="float32")
+    layers = [m for m in llm.engine.model.modules() if isinstance(m, Bnb4bitLinear)]
+    assert len(layers) == 2 * 4 and all(m.kernel_weights is None for m in layers)  # CPU: bitsandbytes
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(0)
+    for layer in layers:
+        x = torch.randn(5, layer.in_features, generator=g)
+        parts = [bf.dequantize_4bit(lin.weight.data, lin.weight.quant_state) for lin in layer.parts]
+        exact = x @ torch.cat(parts).float().t()  # bitsandbytes' dequantized weight, a float32 matmul
+        layer.use_kernel()
+        kernel = layer.kernel_weights
+        assert kernel is not None and kernel[0].nested == kind.endswith("-dq")
+        ours = layer(x)
+        torch.testing.assert_close(ours, exact, rtol=1e-4, atol=1e-4)
+        layer.kernel_weights = None
+        theirs = layer(x)  # bitsandbytes' own CPU GEMM (it runs in bf16)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-2 * float(exact.abs().max()))
+        layer.kernel_weights = kernel
+        if getattr(layer.parts[0].weight.quant_state, "packing_format_for_cpu", False):  # AVX512-bf16 CPUs
+            with pytest.raises(RuntimeError, match="before the first forward"):
+                layer.use_kernel()  # bitsandbytes has re-packed the weight for its CPU kernel by now
+    assert teacher_forced_agreement(hf, llm, prompts(4)) >= 0.95
+
+
+def test_default_compiled_engine_runs_bnb_checkpoints_eager(
+    tiny_model_factory: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default (compiled) CPU engine used to fail at warm-up on a bnb 4-bit checkpoint (inductor's graph
+    expected bitsandbytes' re-packed weight shapes); it now runs those eagerly, with the same tokens."""
+    src = tiny_model_factory("llama")
+    quantize_with_transformers(src, tmp_path / "nf4", **CONFIGS["nf4"])
+    monkeypatch.delenv("QSERVE_ENFORCE_EAGER", raising=False)
+    default = LLM(str(tmp_path / "nf4"), kv_cache_memory=1 << 20, dtype="float32")
+    assert default.engine.runner.compiled is None
+    eager = LLM(str(tmp_path / "nf4"), kv_cache_memory=1 << 20, dtype="float32", enforce_eager=True)
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    batch = prompts(3)
+    assert [o.token_ids for o in default.generate(prompt_token_ids=batch, sampling_params=sp)] == [
+        o.token_ids for o in eager.generate(prompt_token_ids=batch, sampling_params=sp)
+    ]
