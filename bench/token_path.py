@@ -137,7 +137,7 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM("demo")
+    llm = LLM(args.model, kv_cache_dtype=args.kv_cache_dtype)
     eng = llm.engine
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=0.0)
     ps = prompts(args.requests + 1, args.prompt_tokens, eng.model_config.vocab_size)
@@ -157,6 +157,9 @@ def offline(args: argparse.Namespace) -> dict[str, Any]:
     gaps = m["step_gap_seconds"]
     return {
         "mode": "offline",
+        "model": args.model,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "steps_by_path": dict(eng.runner.steps_by_path),
         "step_ms": statistics.mean(steps) * 1e3,
         "step_p50_ms": statistics.median(steps) * 1e3,
         "engine_step_ms": {k: v * 1e3 for k, v in phases.items()},
@@ -173,6 +176,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=1000, help="prompt token ids are drawn below this")
     ap.add_argument("--threads", type=int, default=0, help="offline: torch threads (0: torch's default)")
+    ap.add_argument(
+        "--model", default="demo", help="offline: model name or directory (e.g. an int4 conversion)"
+    )
+    ap.add_argument("--kv-cache-dtype", default="auto", help="offline: auto, bf16, int8 or int4")
     args = ap.parse_args()
     if bool(args.url) == bool(args.offline):
         raise SystemExit("error: give exactly one of --url and --offline")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from qserve.kernels.attention import KVLayout, store_kv
-from qserve.kernels.kv_quant import _split, unpack_codes
+from qserve.kernels.kv_quant import fp16_from_bytes, packed_dim, unpack_codes
 
 
 def store_kv_graph(
@@ -42,9 +42,19 @@ def _gathered_kv(kv_cache: torch.Tensor, tables: torch.Tensor, layout: KVLayout)
     hkv, bs, d = kv_cache.shape[1], layout.block_size, layout.head_dim
     if not layout.bits:
         return kv_cache[:, :, tables].float().reshape(2, hkv, b, nblk * bs, d)
-    values, scales, zeros = _split(kv_cache, bs, d, layout.bits)  # (2, Hkv, nb, bs, Dq), (2, Hkv, nb, bs)
-    codes = unpack_codes(values[:, :, tables], layout.bits).float()  # (2, Hkv, B, nblk, bs, D)
-    s, z = scales[:, :, tables].float(), zeros[:, :, tables].float()  # (2, Hkv, B, nblk, bs)
+    # Gather the step's block rows as bytes first, then split them. Splitting the whole cache first (its
+    # fp16 scale/zero views) makes inductor materialize those views of every block after the KV store:
+    # a copy of the whole cache per layer, 4x the step time at batch 1.
+    # The scales and zeros are read as byte pairs (`fp16_from_bytes`), never through a dtype view, which
+    # inductor would also materialize.
+    rows = kv_cache[:, :, tables]  # (2, Hkv, B, nblk, block_bytes) uint8
+    dq = packed_dim(d, layout.bits)
+    vbytes = bs * dq
+    codes = unpack_codes(
+        rows[..., :vbytes].unflatten(-1, (bs, dq)), layout.bits
+    ).float()  # (2,Hkv,B,nblk,bs,D)
+    sz = rows[..., vbytes:].unflatten(-1, (2, bs, 2))  # (2, Hkv, B, nblk, 2, bs, 2): scale | zero, bytes
+    s, z = fp16_from_bytes(sz[..., 0, :, :]).float(), fp16_from_bytes(sz[..., 1, :, :]).float()  # (.., bs)
     # `kv_quant.dequantize`'s float32 arithmetic, so the values equal what the other paths attend to
     return (codes * s[..., None] + z[..., None]).reshape(2, hkv, b, nblk * bs, d)
 

@@ -57,6 +57,18 @@ def dequantize(
     return (codes * scale.float()[..., None] + zero.float()[..., None]).to(dtype)
 
 
+def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """fp16 (...) -> its little-endian bytes (..., 2) uint8, as ``x.view(torch.uint8)`` but through a
+    same-size bitcast and shifts, which inductor fuses (a view to a smaller dtype is an extern copy)."""
+    bits = x.view(torch.int16)
+    return torch.stack((bits & 0xFF, (bits >> 8) & 0xFF), -1).to(torch.uint8)
+
+
+def fp16_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    """Inverse of `fp16_bytes`: (..., 2) uint8 -> (...) fp16, fused by inductor into its consumer."""
+    return (b[..., 0].to(torch.int16) | (b[..., 1].to(torch.int16) << 8)).view(torch.float16)
+
+
 def _split(cache: torch.Tensor, block_size: int, head_dim: int, bits: int) -> tuple[torch.Tensor, ...]:
     """Views of a (..., block_bytes) cache: values (..., bs, Dq), scales (..., bs), zeros (..., bs)."""
     dq = packed_dim(head_dim, bits)
@@ -85,7 +97,7 @@ def store_kv_quant(
     dq, row = packed_dim(head_dim, bits), kv_cache.shape[-1]
     vbytes = block_size * dq
     q, scale, zero = quantize(torch.stack((k, v)).transpose(1, 2), bits)  # (2, Hkv, T, Dq), (2, Hkv, T) x 2
-    scale_zero = torch.stack((scale, zero), -1).view(torch.uint8)  # (2, Hkv, T, 4): scale, zero bytes
+    scale_zero = fp16_bytes(torch.stack((scale, zero), -1)).flatten(-2)  # (2, Hkv, T, 4): scale, zero bytes
     blk, off = slot_mapping // block_size, slot_mapping % block_size
     base = (blk * row)[:, None]  # (T, 1): byte offset of the token's block row
     pair = torch.arange(2, device=slot_mapping.device)

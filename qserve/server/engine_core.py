@@ -255,6 +255,16 @@ class EngineCore:
 
 
 PREFILL_THREADS_MIN_TOKENS = 256  # steps at least this big are compute-bound: worth every core
+# Steps this small (concurrency 1-2) get every core too: the HTTP side then has ~0.2 ms of work per token, too
+# little to stall a second OpenMP thread, and the batch-1 step is 1.2-1.6x faster on two threads than on one
+# (demo model, 2 cores: served TPOT 3.1 vs 3.7-4.9 ms; bench/RESULTS.md, issue 21).
+LOW_TRAFFIC_THREADS_MAX_TOKENS = 2
+
+
+def step_threads(tokens: int, small: int, big: int) -> int:
+    """Torch threads for a step of ``tokens`` tokens: ``big`` (every core) for big prefills and the
+    smallest steps, ``small`` (a core left to the HTTP side) between."""
+    return big if tokens >= PREFILL_THREADS_MIN_TOKENS or tokens <= LOW_TRAFFIC_THREADS_MAX_TOKENS else small
 
 
 def run_engine_core(
@@ -287,7 +297,7 @@ def run_engine_core(
         engine = LLMEngine(config)
         if threads is not None and prefill_threads is not None and prefill_threads != threads:
             big, small = prefill_threads, threads
-            engine.runner.threads_for = lambda n: big if n >= PREFILL_THREADS_MIN_TOKENS else small
+            engine.runner.threads_for = lambda n: step_threads(n, small, big)
         info = EngineInfo(
             model=config.model,
             max_model_len=engine.max_model_len,

@@ -50,7 +50,9 @@ def plan_lines(
     if threads is not None:
         device += f", {threads} thread{'s' if threads > 1 else ''}"
         if prefill_threads is not None and prefill_threads != threads:
-            device += f" ({prefill_threads} for big prefills)"
+            from qserve.server.engine_core import LOW_TRAFFIC_THREADS_MAX_TOKENS as low
+
+            device += f" ({prefill_threads} for big prefills and steps of at most {low} tokens)"
     return [
         f"model         {engine.config.model} ({cfg.architecture}, {engine.dtype_name}) on {device}",
         f"weights       {weight_format(cfg.quantization, engine.dtype_name)}, "

@@ -13,6 +13,7 @@ import pytest
 from qserve import LLM, SamplingParams
 from qserve.config import EngineConfig
 from qserve.errors import QServeError
+from qserve.server.engine_core import step_threads
 from qserve.server.engine_process import EngineProcess, default_threads
 from qserve.server.engine_thread import Delta, DrainingError, EngineRequest, QueueFullError
 
@@ -127,6 +128,12 @@ def test_default_threads_leave_a_core_for_the_server() -> None:
     cores = len(os.sched_getaffinity(0))
     assert (decode, prefill) == (max(cores - 1, 1), cores)
     assert default_threads("cuda") == (None, None)
+
+
+def test_step_threads_every_core_for_the_smallest_and_biggest_steps() -> None:
+    # 1-2 token steps (concurrency 1-2) and prefills of 256+ tokens: every core; between: one left over
+    got = {n: step_threads(n, 1, 2) for n in (1, 2, 3, 32, 255, 256, 4096)}
+    assert got == {1: 2, 2: 2, 3: 1, 32: 1, 255: 1, 256: 2, 4096: 2}
 
 
 def cpu_seconds(pid: int) -> float:
