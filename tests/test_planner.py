@@ -73,9 +73,9 @@ def test_llama_70b_int4_on_h200() -> None:
     assert p.reserve_bytes == GPU_RESERVE_BYTES + free - int(free * 0.9)
     assert p.kv_bytes_per_token == 2 * 80 * 8 * 128 * 2
     # step buffers: 2048 token rows x 3 int64, 256 seqs x (lengths, offsets (+1), 256-block tables) int32,
-    # 256 int64 token sources and logits rows
-    buffers = 2048 * 3 * 8 + 4 * (256 + 257 + 256 * 256) + 2 * 256 * 8
-    assert p.step_buffer_bytes == buffers == 317_444
+    # each with one spare row; 256 int64 token sources and logits rows
+    buffers = 2049 * 3 * 8 + 4 * (257 + 258 + 257 * 256) + 2 * 256 * 8
+    assert p.step_buffer_bytes == buffers == 318_500
     # graph pool, bucket 256 (bf16): MLP rows 3 x 8192 + 4 x 28672 beat attention's; no decode split (256
     # seqs x 8 KV heads fill 132 SMs), no split-K; outputs of the 40 buckets (sum 4231 rows); 2 MiB
     # segments, plus one 20 MiB segment for the 4 MiB (256, 8192) tensors
@@ -120,8 +120,9 @@ def test_cpu_budget_plan_is_what_the_engine_allocates(tiny_llama: Path) -> None:
     cfg = ModelConfig.from_pretrained(tiny_llama)
     weights = sum(int(t["data_offsets"][1] - t["data_offsets"][0]) for t in _header(tiny_llama).values())
     # the step buffers of 2048 token rows, 256 sequences, 512 / 16 blocks each: 3 x 8 B per token row,
-    # 4 B x (lengths, offsets, 32 block ids) + 8 B token source and logits row per sequence, one more offset
-    buffers = 2048 * 24 + 256 * (4 * (2 + 32) + 16) + 4
+    # 4 B x (lengths, offsets, 32 block ids) + 8 B token source and logits row per sequence, one more offset,
+    # and one spare token row and sequence row
+    buffers = 2049 * 24 + 257 * 4 * (2 + 32) + 4 + 256 * 16
     budget = weights + 4_849_664 + buffers + 37 * 8192 + 100  # + activations, buffers, 37 fp32 blocks, change
     p = plan(str(tiny_llama), memory=budget)
     assert p.step_buffer_bytes == buffers and p.cuda_graph_pool_bytes == 0  # a CPU budget: no graphs

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from qserve.engine.step_buffers import StepBuffers, StepShape
 from qserve.kernels.attention import KVLayout
@@ -83,6 +84,22 @@ class CompiledForward:
             seqs = max(min(buffers.max_seqs, buffers.max_tokens - 1), 2)
             shapes.append((StepShape(buffers.max_tokens, seqs), False))
         t0 = time.perf_counter()
+        # No duck sizing while tracing: it would make sizes that merely coincide at warm-up one symbol (a
+        # step's query_start_loc, S + 1, and the block tables' buffer, max_seqs + 1) and guard on their
+        # equality, so the first step where they differ compiled again while serving.
+        with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # installed by install_config_module
+            self._compile_shapes(shapes, buffers, kv_caches, layout, progress)
+        self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds
+
+    def _compile_shapes(
+        self,
+        shapes: list[tuple[StepShape, bool]],
+        buffers: StepBuffers,
+        kv_caches: list[torch.Tensor],
+        layout: KVLayout,
+        progress: Callable[[str], None],
+    ) -> None:
         for i, (shape, decode) in enumerate(shapes, 1):
             progress(f"compiling the forward: graph {i}/{len(shapes)} ({shape.tokens} rows)")
             view = buffers.fill_padding(shape)
@@ -92,5 +109,3 @@ class CompiledForward:
                 meta.block_tables, meta.decode_graph = meta.block_tables[:, :width], True
             with torch.inference_mode(), step_plans():
                 self.forward(view.input_ids, view.positions, meta, kv_caches)
-        self.warmup_seconds = time.perf_counter() - t0
-        return self.warmup_seconds

@@ -23,14 +23,20 @@ def buffer_shapes(
     max_tokens: int, max_seqs: int, max_blocks: int
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of every device buffer :class:`StepBuffers` allocates (the planner counts
-    these same shapes, so its byte count is the allocation's)."""
+    these same shapes, so its byte count is the allocation's).
+
+    The buffers the forward reads have one spare row past the largest step: a step's view is then never
+    its whole buffer. Dynamo guards on a view being its whole base (``x._base.size(0) == x.size(0)``), so
+    a warm-up at the largest shape would leave every smaller step (a 128-token prefill) to compile again
+    while serving, and a warm-up below it every full-size step."""
+    t, s = max_tokens + 1, max_seqs + 1
     return {
-        "input_ids": ((max_tokens,), torch.int64),
-        "positions": ((max_tokens,), torch.int64),
-        "slot_mapping": ((max_tokens,), torch.int64),
-        "seq_lens": ((max_seqs,), torch.int32),
-        "query_start_loc": ((max_seqs + 1,), torch.int32),
-        "block_tables": ((max_seqs, max_blocks), torch.int32),
+        "input_ids": ((t,), torch.int64),
+        "positions": ((t,), torch.int64),
+        "slot_mapping": ((t,), torch.int64),
+        "seq_lens": ((s,), torch.int32),
+        "query_start_loc": ((s + 1,), torch.int32),
+        "block_tables": ((s, max_blocks), torch.int32),
         # per decode row: the row of the last step's sampled tokens its input token is, or -1 (from the host)
         "token_src": ((max_seqs,), torch.int64),
         "logits_rows": ((max_seqs,), torch.int64),  # the hidden row each sampled sequence's logits come from

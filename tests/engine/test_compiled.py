@@ -136,6 +136,20 @@ def test_no_graph_breaks_quantized_weights(weights: str, tiny_llama: Path, tmp_p
         assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons  # type: ignore[attr-defined]
 
 
+def test_serving_compiles_nothing_after_warm_up(tiny_llama: Path) -> None:
+    """The served defaults (2048-token budget, 256 sequences): a one-sequence prefill, decodes of one and
+    of three sequences and a full-budget step reuse the warm-up's graphs (a step view as long as its buffer
+    used to make dynamo guard on that, and the first 128-token prompt compiled again while serving)."""
+    llm = LLM(str(tiny_llama), enforce_eager=False, kv_cache_memory=64 << 20)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    # the last group fills the 2048-token budget (five 450-token prompts, chunked)
+    for prompts in ([list(range(5, 133))], [[7] * 9, [8] * 20, [9] * 40], [[5 + i] * 450 for i in range(5)]):
+        llm.generate(prompt_token_ids=prompts, sampling_params=[greedy] * len(prompts))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert llm.engine.runner.steps_by_path["eager"] == 0, llm.engine.runner.steps_by_path
+
+
 def test_enforce_eager_env_default(monkeypatch: pytest.MonkeyPatch) -> None:
     from qserve.config import EngineConfig
 

@@ -42,7 +42,7 @@ def test_scatter_into_the_step_buffers() -> None:
     assert buf.device_bufs["token_src"][:3].tolist() == [1, -1, 0]
     scatter_tokens(buf.device_bufs["input_ids"], torch.tensor([500, 600]), sources)
     assert view.input_ids.tolist() == [600, 7, 500, 0]  # the padding row of bucket 4 stays 0
-    assert buf.device_bufs["input_ids"][4:].tolist() == [0] * 12
+    assert buf.device_bufs["input_ids"][4:].tolist() == [0] * 13  # 12 more rows and the spare one
     assert view.positions.tolist() == [4, 0, 9, 0] and view.slot_mapping.tolist() == [4, 16, 41, -1]
 
 

@@ -60,7 +60,9 @@ def test_fill_unpadded_shape_is_exact() -> None:
     view = buf.fill([1, 2], [0, 1], [0, 1], [2], [0, 2], [[0]], StepShape(2, 1))
     assert view.input_ids.shape == (2,) and view.seq_lens.shape == (1,)
     assert view.query_start_loc.tolist() == [0, 2] and view.block_tables.shape == (1, 2)
-    assert buf.nbytes == (3 * 16) * 8 + (4 + 5 + 8) * 4 + 2 * 4 * 8  # + int64 token sources, logits rows
+    # one spare row per token and sequence buffer (never a whole-buffer view), + int64 token sources, logits rows
+    assert buf.nbytes == (3 * 17) * 8 + (5 + 6 + 10) * 4 + 2 * 4 * 8
+    assert buf.host["input_ids"].shape == (17,) and buf.host["block_tables"].shape == (5, 2)
 
 
 def test_planned_bytes_are_the_allocation() -> None:
@@ -69,4 +71,6 @@ def test_planned_bytes_are_the_allocation() -> None:
         buf = StepBuffers(tokens, seqs, blocks, torch.device("cpu"))
         real = sum(t.numel() * t.element_size() for t in buf.device_bufs.values())
         assert step_buffer_bytes(tokens, seqs, blocks) == buf.nbytes == real
-        assert real == 24 * tokens + 4 * (2 * seqs + 1 + seqs * blocks) + 16 * seqs
+        assert (
+            real == 24 * (tokens + 1) + 4 * (2 * (seqs + 1) + 1 + (seqs + 1) * blocks) + 16 * seqs
+        )  # spare rows
