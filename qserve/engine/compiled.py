@@ -65,9 +65,14 @@ class CompiledForward:
         kv_caches: list[torch.Tensor],
         layout: KVLayout,
         progress: Callable[[str], None] = logger.info,
+        threads: int | None = None,
     ) -> float:
         """Compile every graph shape before the first request: batch-1 decode, the symbolic-size decode graph
         (`decode_graph`), and the symbolic-size graph of every other step.
+
+        ``threads``: compile them for that many torch threads (None: the current setting). Inductor bakes the
+        thread count into its code and dynamo guards on it, so a step run at another count compiles again:
+        warm up at every count the engine runs steps at.
 
         The warm-up batches are all padding: nothing is attended, and no KV is written except, in the decode
         graphs, the last slot of the cache (padding rows repeat row 0's slot, -1 here), which holds nothing
@@ -87,8 +92,14 @@ class CompiledForward:
         # No duck sizing while tracing: it would make sizes that merely coincide at warm-up one symbol (a
         # step's query_start_loc, S + 1, and the block tables' buffer, max_seqs + 1) and guard on their
         # equality, so the first step where they differ compiled again while serving.
-        with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # installed by install_config_module
-            self._compile_shapes(shapes, buffers, kv_caches, layout, progress)
+        before = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # set by install_config_module
+                self._compile_shapes(shapes, buffers, kv_caches, layout, progress)
+        finally:
+            torch.set_num_threads(before)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
 

@@ -132,6 +132,7 @@ class LLMEngine:
         if compiled is not None:
             seconds = compiled.warm_up(self.runner.buffers, caches, layout)
             logger.info("compiled the forward in %.1f s (inductor cache: %s)", seconds, use_cache_dir())
+        self._layout = layout
         self.graph_pool_planned = 0  # bytes the planner estimated for the CUDA graph pool (when captured)
         if self.device.type == "cuda":
             self._check_activation_estimate(config, layout)
@@ -153,6 +154,18 @@ class LLMEngine:
         self._inflight: _InFlight | None = None  # async scheduling: the launched step not yet applied
         self._step_thread: ThreadPoolExecutor | None = None  # async scheduling: runs the launched steps
         self.steps_ahead = 0  # steps launched before the previous step's sampled ids reached the host
+
+    def set_step_threads(self, threads_for: Callable[[int], int]) -> None:
+        """Run a step of N tokens on ``threads_for(N)`` torch threads (CPU), compiling the forward at every
+        other count the policy uses now, so that nothing compiles while serving."""
+        self.runner.threads_for = threads_for
+        compiled, buffers = self.runner.compiled, self.runner.buffers
+        if compiled is None:
+            return
+        counts = {threads_for(n) for n in range(1, buffers.max_tokens + 1)} - {torch.get_num_threads()}
+        for n in sorted(counts):
+            seconds = compiled.warm_up(buffers, self.runner.kv_caches, self._layout, threads=n)
+            logger.info("compiled the forward for %d threads in %.1f s", n, seconds)
 
     @property
     def grammars(self) -> GrammarCache:

@@ -297,7 +297,7 @@ def run_engine_core(
         engine = LLMEngine(config)
         if threads is not None and prefill_threads is not None and prefill_threads != threads:
             big, small = prefill_threads, threads
-            engine.runner.threads_for = lambda n: step_threads(n, small, big)
+            engine.set_step_threads(lambda n: step_threads(n, small, big))
         info = EngineInfo(
             model=config.model,
             max_model_len=engine.max_model_len,
