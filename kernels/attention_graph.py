@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from qserve.kernels.attention import KVLayout, store_kv
-from qserve.kernels.kv_quant import fp16_from_bytes, packed_dim, unpack_codes
+from qserve.kernels.kv_quant import read_rows, unpack_codes
 
 
 def store_kv_graph(
@@ -42,19 +42,13 @@ def _gathered_kv(kv_cache: torch.Tensor, tables: torch.Tensor, layout: KVLayout)
     hkv, bs, d = kv_cache.shape[1], layout.block_size, layout.head_dim
     if not layout.bits:
         return kv_cache[:, :, tables].float().reshape(2, hkv, b, nblk * bs, d)
-    # Gather the step's block rows as bytes first, then split them. Splitting the whole cache first (its
-    # fp16 scale/zero views) makes inductor materialize those views of every block after the KV store:
-    # a copy of the whole cache per layer, 4x the step time at batch 1.
-    # The scales and zeros are read as byte pairs (`fp16_from_bytes`), never through a dtype view, which
-    # inductor would also materialize.
+    # Gather the step's block rows as bytes first, then split them for reading (`read_rows`). Splitting the
+    # whole cache through its fp16 dtype views made inductor materialize them for every block after the KV
+    # store: a copy of the whole cache per layer, 4x the step time at batch 1.
     rows = kv_cache[:, :, tables]  # (2, Hkv, B, nblk, block_bytes) uint8
-    dq = packed_dim(d, layout.bits)
-    vbytes = bs * dq
-    codes = unpack_codes(
-        rows[..., :vbytes].unflatten(-1, (bs, dq)), layout.bits
-    ).float()  # (2,Hkv,B,nblk,bs,D)
-    sz = rows[..., vbytes:].unflatten(-1, (2, bs, 2))  # (2, Hkv, B, nblk, 2, bs, 2): scale | zero, bytes
-    s, z = fp16_from_bytes(sz[..., 0, :, :]).float(), fp16_from_bytes(sz[..., 1, :, :]).float()  # (.., bs)
+    values, scales, zeros = read_rows(rows, bs, d, layout.bits)  # (..., bs, Dq), (..., bs) fp16 x 2
+    codes = unpack_codes(values, layout.bits).float()  # (2, Hkv, B, nblk, bs, D)
+    s, z = scales.float(), zeros.float()  # (2, Hkv, B, nblk, bs)
     # `kv_quant.dequantize`'s float32 arithmetic, so the values equal what the other paths attend to
     return (codes * s[..., None] + z[..., None]).reshape(2, hkv, b, nblk * bs, d)
 

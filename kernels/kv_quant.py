@@ -79,6 +79,16 @@ def _split(cache: torch.Tensor, block_size: int, head_dim: int, bits: int) -> tu
     return values, scales, zeros
 
 
+def read_rows(rows: torch.Tensor, block_size: int, head_dim: int, bits: int) -> tuple[torch.Tensor, ...]:
+    """`_split` for reading inside a compiled graph: values (..., bs, Dq) as a view, scales and zeros (..., bs)
+    fp16 from their byte pairs (`fp16_from_bytes`), which inductor fuses into the reader; a dtype view of
+    the cache would be materialized."""
+    vbytes = block_size * packed_dim(head_dim, bits)
+    sz = rows[..., vbytes:].unflatten(-1, (2, block_size, 2))  # (..., scale | zero, bs, byte)
+    values = rows[..., :vbytes].unflatten(-1, (block_size, vbytes // block_size))
+    return values, fp16_from_bytes(sz[..., 0, :, :]), fp16_from_bytes(sz[..., 1, :, :])
+
+
 def store_kv_quant(
     k: torch.Tensor,
     v: torch.Tensor,

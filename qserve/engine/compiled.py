@@ -89,13 +89,13 @@ class CompiledForward:
             seqs = max(min(buffers.max_seqs, buffers.max_tokens - 1), 2)
             shapes.append((StepShape(buffers.max_tokens, seqs), False))
         t0 = time.perf_counter()
-        # No duck sizing while tracing: it would make sizes that merely coincide at warm-up one symbol (a
-        # step's query_start_loc, S + 1, and the block tables' buffer, max_seqs + 1) and guard on their
-        # equality, so the first step where they differ compiled again while serving.
         before = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads)
         try:
+            # No duck sizing while tracing: it would make sizes that merely coincide at warm-up one symbol (a
+            # step's query_start_loc, S + 1, and the block tables' buffer, max_seqs + 1) and guard on their
+            # equality, so the first step where they differ compiled again while serving.
             with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]  # set by install_config_module
                 self._compile_shapes(shapes, buffers, kv_caches, layout, progress)
         finally:
