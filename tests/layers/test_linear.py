@@ -1,4 +1,4 @@
-"""Float Linear: fused loading and the CPU prepacked (oneDNN) path."""
+"""Float Linear: fused loading and the CPU prepacked paths (qserve's native kernel, oneDNN)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from qserve.errors import QServeError
-from qserve.layers.linear import Linear, prepack_cpu_linears
+from qserve.kernels import cpu_native
+from qserve.layers.linear import Linear, PanelEmbedding, prepack_cpu_linears
 
 
 def test_fused_load_concatenates_shards() -> None:
@@ -21,8 +22,7 @@ def test_fused_load_concatenates_shards() -> None:
         lin.load([q])
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_prepacked_bf16_is_bit_identical_and_skips_shared_weights() -> None:
+def tied_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Module()
     model.emb = nn.Embedding(50, 32, dtype=torch.bfloat16)
@@ -33,9 +33,32 @@ def test_prepacked_bf16_is_bit_identical_and_skips_shared_weights() -> None:
     for p in (model.a.weight, model.a.bias):
         assert p is not None
         p.data.normal_()
+    return model
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_onednn_prepack_is_bit_identical_and_skips_shared_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_native, "available", lambda: False)
+    model = tied_model()
     x = torch.randn(5, 32, dtype=torch.bfloat16)
     before = model.a(x)
     assert prepack_cpu_linears(model) == 1  # only `a`: `tied` shares the embedding, `f32` is fp32
-    assert torch.equal(model.a(x), before)
+    assert torch.equal(model.a(x), before) and not model.a._native
     assert model.tied._packed is None and model.f32._packed is None
     assert model.emb.weight.numel() == 50 * 32
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="needs AVX512-BF16 and a C++ compiler")
+def test_native_prepack_packs_the_tied_head_once() -> None:
+    model = tied_model()
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    ids = torch.tensor([0, 17, 49, 3])
+    before_a, before_tied, before_emb = model.a(x), model.tied(x), model.emb(ids)
+    assert prepack_cpu_linears(model) == 2  # `a`, and `tied` with its embedding; `f32` stays
+    assert model.a._native and model.tied._native and model.f32._packed is None
+    assert isinstance(model.emb, PanelEmbedding) and model.emb.panels is model.tied._packed
+    assert model.a.weight.numel() == 0 and model.tied.weight.numel() == 0  # one copy of the table, packed
+    assert torch.equal(model.emb(ids), before_emb)  # rows are read back exactly
+    assert torch.equal(model.emb(ids.view(2, 2)), before_emb.view(2, 2, 32))
+    for after, before in ((model.a(x), before_a), (model.tied(x), before_tied)):
+        torch.testing.assert_close(after, before, rtol=2**-7, atol=1e-2)
