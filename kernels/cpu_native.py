@@ -3,7 +3,7 @@ already needs, loaded as the torch ops ``torch.ops.qserve_cpu.*``.
 
 * ``qserve_cpu::pack_bf16(w)``: a (N, K) bf16 weight -> the kernel's 16-column panels, (ceil(N/16), K/2, 16, 2).
 * ``qserve_cpu::linear_bf16(x, packed, bias, out_features)``: x (..., K) @ W^T + b, bf16 in and out, fp32
-  accumulation. On AVX512-BF16 CPUs it is 2.4-3.9x faster than oneDNN's prepacked bf16 linear at M = 1 and
+  accumulation. On AVX512-BF16 CPUs it is 1.8-3.8x faster than oneDNN's prepacked bf16 linear at M = 1 and
   level with it at M = 512 (bench/RESULTS.md), so it replaces oneDNN's layout rather than adding one.
 
 `available()` is False (and the callers keep oneDNN) when the CPU lacks AVX512-BF16, no compiler is found,

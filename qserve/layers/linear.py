@@ -48,7 +48,7 @@ class Linear(nn.Module):
         """Reorder the weight once into a CPU kernel's layout and release the dense one (only forward can use
         the layer afterwards).
 
-        qserve's native bf16 kernel where it runs (`cpu_native`: AVX512-BF16, 2.4-3.9x oneDNN at batch 1, level
+        qserve's native bf16 kernel where it runs (`cpu_native`: AVX512-BF16, 1.8-3.8x oneDNN at batch 1, level
         at large batches; same fp32 accumulation, so it agrees with F.linear to bf16 rounding); otherwise
         oneDNN's blocked layout (bit-identical to F.linear; without it oneDNN reorders the weight on every
         call, 1.2-2x slower at decode batch sizes).
