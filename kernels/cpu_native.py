@@ -97,15 +97,9 @@ def available() -> bool:
     return True
 
 
-_fakes_registered = False
-
-
 def _register_fakes() -> None:
-    """Shapes for torch.compile's tracing (the ops are opaque kernels to inductor); once per process."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _fakes_registered = True
+    """Shapes for torch.compile's tracing (the ops are opaque kernels to inductor); once per process, as
+    `available` is cached."""
 
     @torch.library.register_fake("qserve_cpu::linear_bf16")
     def _(
@@ -121,7 +115,7 @@ def _register_fakes() -> None:
 
 def pack_bf16(w: torch.Tensor) -> torch.Tensor:
     """(N, K) bf16 -> the panel layout `linear_bf16` reads (rows past N are zero)."""
-    return torch.ops.qserve_cpu.pack_bf16(w.contiguous())
+    return torch.ops.qserve_cpu.pack_bf16(w)
 
 
 def linear_bf16(

@@ -44,6 +44,10 @@ class Linear(nn.Module):
             return linear_packed(x, self._packed, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
+    def native_ok(self) -> bool:
+        """Whether `prepack_cpu` would use qserve's native kernel (it needs an even in_features)."""
+        return self.in_features % 2 == 0 and cpu_native.available()
+
     def prepack_cpu(self) -> None:
         """Reorder the weight once into a CPU kernel's layout and release the dense one (only forward can use
         the layer afterwards).
@@ -53,7 +57,7 @@ class Linear(nn.Module):
         oneDNN's blocked layout (bit-identical to F.linear; without it oneDNN reorders the weight on every
         call, 1.2-2x slower at decode batch sizes).
         """
-        if self.in_features % 2 == 0 and cpu_native.available():
+        if self.native_ok():
             self._packed, self._native = cpu_native.pack_bf16(self.weight.data), True
         else:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 64)
@@ -100,12 +104,12 @@ def prepack_cpu_linears(model: nn.Module) -> int:
     n = 0
     for m in list(model.modules()):
         w = getattr(m, "weight", None)
-        shared = w is not None and counts.get(id(w), 0) > 1  # e.g. lm_head tied to the embedding
+        uses = counts.get(id(w), 0)  # 2: e.g. an lm_head tied to the embedding
         bf16_cpu = w is not None and w.dtype == torch.bfloat16 and w.is_cpu
-        if isinstance(m, Linear) and bf16_cpu and not shared:
+        if isinstance(m, Linear) and bf16_cpu and uses == 1:
             m.prepack_cpu()
             n += 1
-        elif isinstance(m, Linear) and bf16_cpu and counts.get(id(w), 0) == 2:
+        elif isinstance(m, Linear) and bf16_cpu and uses == 2:
             n += _pack_tied(model, m)
         elif hasattr(m, "prepack_cpu_experts"):  # qserve.layers.moe.FusedMoE: every bf16 expert, packed
             n += int(m.prepack_cpu_experts())  # type: ignore[operator]
@@ -121,7 +125,7 @@ def _pack_tied(model: nn.Module, head: Linear) -> int:
         for name, child in parent.named_children()
         if isinstance(child, nn.Embedding) and child.weight is weight
     ]
-    if len(owners) != 1 or head.in_features % 2 or not cpu_native.available():
+    if len(owners) != 1 or not head.native_ok():  # oneDNN's layout cannot serve the embedding's rows
         return 0
     head.prepack_cpu()
     parent, name = owners[0]

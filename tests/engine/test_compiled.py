@@ -142,6 +142,13 @@ def test_serving_compiles_nothing_after_warm_up(tiny_llama: Path) -> None:
     used to make dynamo guard on that, and the first 128-token prompt compiled again while serving)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        _serve_and_count_graphs(tiny_llama)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _serve_and_count_graphs(tiny_llama: Path) -> None:
     llm = LLM(str(tiny_llama), enforce_eager=False, kv_cache_memory=64 << 20)
     # the server's policy: 2 threads for steps of at most 2 tokens and for big prefills (graphs are per count)
     llm.engine.set_step_threads(lambda n: 2 if n <= 2 or n >= 256 else 1)
@@ -152,7 +159,6 @@ def test_serving_compiles_nothing_after_warm_up(tiny_llama: Path) -> None:
         llm.generate(prompt_token_ids=prompts, sampling_params=[greedy] * len(prompts))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert llm.engine.runner.steps_by_path["eager"] == 0, llm.engine.runner.steps_by_path
-    torch.set_num_threads(threads)
 
 
 def test_enforce_eager_env_default(monkeypatch: pytest.MonkeyPatch) -> None:
