@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger("qserve")
-SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
+# Every native source is compiled into one library (one build, one load); the ops register themselves.
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemm.cpp",))
 CACHE_DIR = Path(os.environ.get("QSERVE_NATIVE_CACHE", Path.home() / ".cache" / "qserve" / "native"))
 ISA_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 
@@ -48,14 +49,14 @@ def _compiler() -> str | None:
 
 
 def _build(cxx: str) -> Path:
-    """Compile ``cpu_gemm.cpp`` into the cache (if not there yet) and return the library's path."""
+    """Compile the `SOURCES` into the cache (if not there yet) and return the library's path."""
     from torch.utils import cpp_extension
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     flags += ISA_FLAGS
     key = hashlib.sha256(
-        SOURCE.read_bytes() + f"{torch.__version__}|{cxx}|{' '.join(flags)}".encode()
+        b"".join(src.read_bytes() for src in SOURCES) + f"{torch.__version__}|{cxx}|{' '.join(flags)}".encode()
     ).hexdigest()[:16]
     out = CACHE_DIR / key / "qserve_cpu.so"
     if out.exists():
@@ -65,7 +66,7 @@ def _build(cxx: str) -> Path:
     libs = [f"-L{p}" for p in cpp_extension.library_paths()]
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *flags, *includes, str(SOURCE), "-o", tmp, *libs, "-lc10", "-ltorch", "-ltorch_cpu"]
+    cmd = [cxx, *flags, *includes, *map(str, SOURCES), "-o", tmp, *libs, "-lc10", "-ltorch", "-ltorch_cpu"]
     logger.info("building qserve's native CPU kernels (once per machine, ~10 s)")
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
