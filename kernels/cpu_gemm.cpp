@@ -16,68 +16,16 @@
 // so the results agree with it to bf16 rounding, not bit for bit: the summation order differs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu_panels.h"
+
 namespace {
 
-using bf16 = uint16_t;
-constexpr int64_t kPanel = 16;  // output columns per panel
-constexpr int MB = 4;           // rows of x per register block
-constexpr int NB = 4;           // panels per register block
-
-// (16,) bf16 bias -> fp32 lanes (bf16 is the top half of an fp32)
-inline __m512 load_bias(const bf16* b, __mmask16 mask) {
-  __m256i raw = _mm256_maskz_loadu_epi16(mask, b);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// y[0:mb, 0:nb*16] = x[0:mb] @ panels[0:nb]^T (+ bias); the last panel is masked to `tail` columns.
-template <int mb, int nb>
-void block(const bf16* x, int64_t ldx, const bf16* p, int64_t K, const bf16* bias, bf16* y, int64_t ldy,
-           __mmask16 tail) {
-  __m512 acc[mb][nb];
-  for (int m = 0; m < mb; ++m)
-    for (int n = 0; n < nb; ++n) acc[m][n] = _mm512_setzero_ps();
-  const int64_t pstride = K * kPanel;  // elements from one panel to the next
-  for (int64_t k = 0; k < K; k += 2) {
-    __m512bh w[nb];
-    for (int n = 0; n < nb; ++n) w[n] = (__m512bh)_mm512_loadu_si512(p + n * pstride + k * kPanel);
-    for (int m = 0; m < mb; ++m) {
-      int32_t pair;  // x[m, k], x[m, k + 1] as one 32-bit lane, broadcast to all 16
-      __builtin_memcpy(&pair, x + m * ldx + k, sizeof(pair));
-      __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-      for (int n = 0; n < nb; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], xv, w[n]);
-    }
-  }
-  for (int n = 0; n < nb; ++n) {
-    __mmask16 mask = n == nb - 1 ? tail : (__mmask16)0xFFFF;
-    __m512 b = bias ? load_bias(bias + n * kPanel, mask) : _mm512_setzero_ps();
-    for (int m = 0; m < mb; ++m) {
-      __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][n], b));
-      _mm256_mask_storeu_epi16(y + m * ldy + n * kPanel, mask, (__m256i)out);
-    }
-  }
-}
-
-using BlockFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, const bf16*, bf16*, int64_t, __mmask16);
-
-template <int mb>
-constexpr BlockFn pick_nb(int nb) {
-  return nb == 4 ? block<mb, 4> : nb == 3 ? block<mb, 3> : nb == 2 ? block<mb, 2> : block<mb, 1>;
-}
-
-BlockFn pick(int mb, int nb) {
-  switch (mb) {
-    case 4: return pick_nb<4>(nb);
-    case 3: return pick_nb<3>(nb);
-    case 2: return pick_nb<2>(nb);
-    default: return pick_nb<1>(nb);
-  }
-}
+using namespace qserve_cpu_panels;
 
 at::Tensor pack_bf16(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "pack_bf16: weight must be 2-D bf16");

@@ -1,10 +1,12 @@
-"""qserve's native CPU kernels (``cpu_gemm.cpp``): built once per machine with the C++ compiler inductor
+"""qserve's native CPU kernels (``cpu_gemm.cpp``, ``cpu_gemm_w4.cpp``): built once per machine with the C++ compiler inductor
 already needs, loaded as the torch ops ``torch.ops.qserve_cpu.*``.
 
 * ``qserve_cpu::pack_bf16(w)``: a (N, K) bf16 weight -> the kernel's 16-column panels, (ceil(N/16), K/2, 16, 2).
 * ``qserve_cpu::linear_bf16(x, packed, bias, out_features)``: x (..., K) @ W^T + b, bf16 in and out, fp32
   accumulation. On AVX512-BF16 CPUs it is 1.8-3.8x faster than oneDNN's prepacked bf16 linear at M = 1 and
   level with it at M = 512 (bench/RESULTS.md), so it replaces oneDNN's layout rather than adding one.
+* ``qserve_cpu::linear_w4(x, codes, scales, zeros, bias, out_features, group_size)``: the same for int4 weights
+  packed by `pack_w4` (dot products on the codes up to 8 rows, a dequantized bf16 tile per 64 columns above).
 
 `available()` is False (and the callers keep oneDNN) when the CPU lacks AVX512-BF16, no compiler is found,
 the build fails, or ``QSERVE_NATIVE=0``. The build (~10 s) goes to ``~/.cache/qserve/native/<hash>/``, keyed by
@@ -25,10 +27,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger("qserve")
 # Every native source is compiled into one library (one build, one load); the ops register themselves.
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemm.cpp",))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemm.cpp", "cpu_gemm_w4.cpp"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_panels.h",))
 CACHE_DIR = Path(os.environ.get("QSERVE_NATIVE_CACHE", Path.home() / ".cache" / "qserve" / "native"))
 ISA_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 
@@ -56,7 +60,7 @@ def _build(cxx: str) -> Path:
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     flags += ISA_FLAGS
     key = hashlib.sha256(
-        b"".join(src.read_bytes() for src in SOURCES) + f"{torch.__version__}|{cxx}|{' '.join(flags)}".encode()
+        b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS)) + f"{torch.__version__}|{cxx}|{' '.join(flags)}".encode()
     ).hexdigest()[:16]
     out = CACHE_DIR / key / "qserve_cpu.so"
     if out.exists():
@@ -108,6 +112,22 @@ def _register_fakes() -> None:
     ) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], out_features)
 
+    @torch.library.register_fake("qserve_cpu::linear_w4")
+    def _(
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_features: int,
+        group_size: int,
+    ) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("qserve_cpu::dequant_w4")
+    def _(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+        return codes.new_empty(codes.shape[0], codes.shape[1] * 2, 16, 2, dtype=torch.bfloat16)
+
     @torch.library.register_fake("qserve_cpu::pack_bf16")
     def _(w: torch.Tensor) -> torch.Tensor:
         panels = (w.shape[0] + 15) // 16
@@ -124,3 +144,40 @@ def linear_bf16(
 ) -> torch.Tensor:
     """x (..., K) @ W^T (+ bias) -> (..., out_features), bf16; W packed by `pack_bf16`."""
     return torch.ops.qserve_cpu.linear_bf16(x, packed, bias, out_features)
+
+
+def pack_w4(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int4 codes (N, K) in [0, 15] with per-group scales and zero points (N, K/G), W = (q - z) * s -> the
+    layout `linear_w4` reads: codes (P, K/4, 16, 2) uint8, scales (P, K/G, 16) fp32, zeros (P, K/G, 16) uint8,
+    P = ceil(N/16).
+
+    Byte [p, t, j, e] holds column 16p + j's codes at k = 4t + e (low nibble) and 4t + 2 + e (high nibble).
+    Columns past N get code 0, scale 0 and zero 0, so they compute 0. K and G must be multiples of 4, K of G.
+    """
+    n, k = codes.shape
+    if k % 4 or group_size % 4 or k % group_size:
+        raise ValueError(f"int4 panels need K ({k}) and the group size ({group_size}) multiples of 4, K of G")
+    if scales.shape != (n, k // group_size) or zeros.shape != scales.shape:
+        raise ValueError(f"scales/zeros {tuple(scales.shape)}/{tuple(zeros.shape)} do not match ({n}, {k // group_size})")
+    pad = -n % 16
+    p = (n + pad) // 16
+    q = F.pad(codes.to(torch.uint8), (0, 0, 0, pad)).view(p, 16, k // 4, 2, 2)  # (p, j, t, h, e): k = 4t+2h+e
+    packed = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()  # (P, K/4, 16, 2)
+
+    def panels(t: torch.Tensor) -> torch.Tensor:  # (N, K/G) -> (P, K/G, 16)
+        return F.pad(t, (0, 0, 0, pad)).view(p, 16, -1).transpose(1, 2).contiguous()
+
+    return packed, panels(scales.float()), panels(zeros.to(torch.uint8))
+
+
+def linear_w4(
+    x: torch.Tensor,
+    w4: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    bias: torch.Tensor | None,
+    out_features: int,
+    group_size: int,
+) -> torch.Tensor:
+    """x (..., K) bf16 @ dequant(W)^T (+ bias) -> (..., out_features) bf16; ``w4`` = `pack_w4`'s tensors."""
+    return torch.ops.qserve_cpu.linear_w4(x, *w4, bias, out_features, group_size)

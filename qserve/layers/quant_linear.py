@@ -2,7 +2,11 @@
 
 ``y = x @ dequant(W)^T + b``. Checkpoint tensors are re-packed ONCE in :meth:`QuantLinear.load`:
 
-* CPU: torch's own weight-only kernels, ``aten._weight_int4pack_mm_for_cpu`` (int4: codes re-packed by
+* CPU int4 where qserve's native kernels run (`cpu_native`, AVX512-BF16): ``qserve_cpu::linear_w4`` on
+  16-column int4 panels (backend "cpu-native-int4"): dot products on the codes at decode batch sizes, a
+  dequantized bf16 tile per 64 columns above 8 rows; 2-3x torch's int4 kernel at every M, and faster than
+  the native bf16 linear at batch 1 (bench/RESULTS.md). It also takes group sizes torch's kernel rejects.
+* CPU otherwise: torch's own weight-only kernels, ``aten._weight_int4pack_mm_for_cpu`` (int4: codes re-packed by
   ``aten._convert_weight_to_int4pack_for_cpu``, scales and zeros rewritten as ``(K/G, N, 2)`` pairs with
   ``W = (q - 8) * scale + zero``) and ``aten._weight_int8pack_mm``. In torch 2.13 only their bfloat16 paths
   are fast (fp32/fp16 run 5-10x slower than a dense matmul), so they compute in bfloat16 whatever the
@@ -19,12 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from qserve.errors import QServeError
+from qserve.kernels import cpu_native
 from qserve.kernels.packing import QuantizedWeight, QuantSpec, quantize, unpack_int4
 
 _CPU_DTYPE = torch.bfloat16  # the one dtype torch's CPU weight-only kernels are fast in
 _CPU_INT4_GROUPS = (32, 64, 128, 256)
 _CPU_INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0: we pad rows
 _INNER_K_TILES = 2
+
+
+def native_int4_ok(in_features: int, group_size: int) -> bool:
+    """Whether qserve's native int4 kernel takes this shape (and runs on this machine)."""
+    return in_features % 4 == 0 and group_size % 4 == 0 and in_features % group_size == 0 and cpu_native.available()
 
 
 def cpu_int4_ok(group_size: int) -> bool:
@@ -62,7 +72,8 @@ class QuantLinear(nn.Module):
         dtype: the model's activation dtype; inputs and outputs use it.
         device: where the weights live.
 
-    Invariants: after :meth:`load`, ``backend`` is "cpu-int4", "cpu-int8", "triton" or "reference", and only the
+    Invariants: after :meth:`load`, ``backend`` is "cpu-native-int4", "cpu-int4", "cpu-int8", "triton" or
+    "reference", and only the
     tensors that backend reads are kept (the CPU kernels' packed forms are not decodable back).
     """
 
@@ -135,6 +146,13 @@ class QuantLinear(nn.Module):
             # offset, and torch's CPU kernels crash on unaligned weights.
             self.qweight = qw.qweight.clone(memory_format=torch.contiguous_format)  # int8 (N, K)
             self.scales = qw.scales.to(_CPU_DTYPE).clone()  # (N,)
+        elif self.device.type == "cpu" and native_int4_ok(qw.in_features, qw.group_size):
+            self.backend = "cpu-native-int4"
+            assert qw.zeros is not None
+            # codes (P, K/4, 16, 2) uint8, scales (P, K/G, 16) fp32, zeros (P, K/G, 16) uint8
+            self.qweight, self.scales, self.qzeros = cpu_native.pack_w4(
+                unpack_int4(qw.qweight), qw.scales, qw.zeros, qw.group_size
+            )
         elif self.device.type == "cpu" and qw.group_size in _CPU_INT4_GROUPS:
             self.backend = "cpu-int4"
             self._pack_cpu_int4(qw)
@@ -161,7 +179,11 @@ class QuantLinear(nn.Module):
         """x (..., in_features) -> (..., out_features) in x's dtype."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (T, K)
-        if self.backend == "cpu-int4":
+        if self.backend == "cpu-native-int4":
+            w4 = (self.qweight, self.scales, self.qzeros)
+            y = cpu_native.linear_w4(x2.to(_CPU_DTYPE), w4, None, self.out_features, self.spec.group_size)  # type: ignore[arg-type]
+            y = y.to(x.dtype)  # (T, N)
+        elif self.backend == "cpu-int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(_CPU_DTYPE), self.qweight, self.spec.group_size, self.scales_and_zeros
             )  # (T, N')

@@ -1,4 +1,4 @@
-"""QuantLinear: torch's CPU int4/int8 kernels against the pure-torch dequantize reference."""
+"""QuantLinear: qserve's native and torch's CPU int4/int8 kernels against the pure-torch dequantize reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from qserve.errors import QServeError
+from qserve.kernels import cpu_native
 from qserve.kernels.packing import QuantizedWeight, QuantSpec, awq_pack, gptq_pack, quantize
+from qserve.layers import quant_linear
 from qserve.layers.quant_linear import QuantLinear
 
 INT4 = {"quant_method": "qserve", "format_version": 1, "weights": "int4", "method": "rtn"}
@@ -28,17 +30,29 @@ def _reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) 
     return F.linear(x.float(), qw.dequantize(torch.float32), None if bias is None else bias.float())
 
 
+@pytest.fixture(params=["cpu-native-int4", "cpu-int4"])
+def int4_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each CPU int4 backend in turn: qserve's native kernel (where it runs) and torch's."""
+    if request.param == "cpu-native-int4" and not cpu_native.available():
+        pytest.skip("qserve's native CPU kernels do not run here")
+    if request.param == "cpu-int4":
+        monkeypatch.setattr(quant_linear, "native_int4_ok", lambda k, g: False)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("n", "k", "g"), [(64, 128, 32), (40, 256, 64), (96, 384, 128), (24, 512, 128)])
-@pytest.mark.parametrize("t", [1, 3, 17])
+@pytest.mark.parametrize("t", [1, 3, 8, 9, 17, 70])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_cpu_kernel_matches_reference(n: int, k: int, g: int, t: int, dtype: torch.dtype) -> None:
+def test_int4_cpu_kernel_matches_reference(
+    n: int, k: int, g: int, t: int, dtype: torch.dtype, int4_backend: str
+) -> None:
     torch.manual_seed(n + k + t)
     w = torch.randn(n, k) * 0.05
     bias = torch.randn(n)
     qw = quantize(w.to(dtype), "int4", g)
     layer = QuantLinear(k, n, True, _spec({**INT4, "group_size": g}), dtype, "cpu")
     layer.load([{**qw.tensors(), "bias": bias}])
-    assert layer.backend == "cpu-int4"
+    assert layer.backend == int4_backend
     x = torch.randn(t, k).to(dtype)
     y = layer(x)
     assert y.shape == (t, n) and y.dtype == dtype
@@ -68,13 +82,26 @@ def test_fused_shards_concatenate_along_output() -> None:
     assert _rel_err(layer(x), ref) < 1e-2
 
 
-def test_reference_backend_for_groups_the_cpu_kernel_rejects() -> None:
+def test_reference_backend_for_groups_the_cpu_kernel_rejects(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant_linear, "native_int4_ok", lambda k, g: False)
     qw = quantize(torch.randn(32, 64), "int4", 16)
     layer = QuantLinear(64, 32, False, _spec({**INT4, "group_size": 16}), torch.float32, "cpu")
     layer.load([qw.tensors()])
     assert layer.backend == "reference"
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), _reference(x, qw, None))
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="qserve's native CPU kernels do not run here")
+@pytest.mark.parametrize("g", [16, 8])
+def test_native_int4_takes_groups_torch_rejects(g: int) -> None:
+    torch.manual_seed(g)
+    qw = quantize(torch.randn(40, 96) * 0.05, "int4", g)
+    layer = QuantLinear(96, 40, False, _spec({**INT4, "group_size": g}), torch.bfloat16, "cpu")
+    layer.load([qw.tensors()])
+    assert layer.backend == "cpu-native-int4"
+    x = torch.randn(5, 96).bfloat16()
+    assert _rel_err(layer(x), _reference(x, qw, None)) < 1e-2
 
 
 def test_float_weight_shard_is_quantized_at_load() -> None:

@@ -1,0 +1,299 @@
+// int4 weight-only linear (W4A16) for CPUs with AVX512-BF16: y = x dequant(W)^T (+ b), bf16 in and out.
+//
+// Why: torch's `_weight_int4pack_mm_for_cpu` is slower per call than qserve's bf16 kernel (cpu_gemm.cpp) at
+// decode batch sizes and 2-2.5x slower than bf16 from M = 32 up, so int4 weights saved memory but cost speed.
+// This kernel keeps int4 at rest in one layout and has two paths, chosen by M:
+//
+// * M <= kSmallM (decode): dot products straight on the codes. A code q in [0, 15] becomes the bf16 number
+//   128 + q by OR-ing its nibble into 0x4300 (bf16 of 128 has a zero mantissa, and 128 + q needs no more than
+//   its 7 bits), so `vdpbf16ps` sums x * (128 + q) exactly in fp32, four codes per byte pair, with two integer
+//   ops per 32 weights. Per quantization group g and column n:
+//       sum_k x_k * (q_kn - z_gn) * s_gn = s_gn * sum_k x_k * (128 + q_kn) - s_gn * (z_gn + 128) * sum_k x_k
+//   so each group's partial sum is scaled once and corrected with the row's sum of x over the group.
+//   Weight bytes stream at a quarter of bf16's.
+// * M > kSmallM (prefill, large batches): each task dequantizes its 64 output columns once into a bf16 panel
+//   scratch (w = fma(128 + q, s, -s (z + 128)), rounded once to bf16, as `QuantizedWeight.dequantize` does)
+//   and runs the bf16 micro-kernel over up to 64 rows, so the dequantization is amortized over the rows.
+//
+// kSmallM is a token bucket of the compiled step (1, 2, 4, 8, 16, ...), so eager (M = the real rows) and
+// compiled (M = the padded bucket) always take the same path for the same batch; each row's result is
+// independent of M within a path.
+//
+// Layout: codes (P, K/4, 16, 2) uint8 with P = ceil(N/16): byte [p, t, j, e] holds the codes of column
+// 16p + j at k = 4t + e (low nibble) and k = 4t + 2 + e (high nibble), so one 32-byte load widened to 16-bit
+// lanes gives the k-pair (4t, 4t+1) of 16 columns in its low nibbles and (4t+2, 4t+3) in its high nibbles,
+// lanes 2j + e, the bf16 panel order. Scales (P, K/G, 16) fp32 and zero points (P, K/G, 16) uint8 per group and
+// column: 5 bytes per group of G weights (torch's int4 layout: 4, the checkpoint: 3). Padding columns have
+// code 0, scale 0 and zero 0. K and the group size must be multiples of 4.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu_panels.h"
+
+namespace {
+
+using namespace qserve_cpu_panels;
+
+constexpr int64_t kSmallM = 8;  // rows up to which the codes are used directly (a token bucket)
+
+inline __m512i widen(const uint8_t* c) {  // 32 bytes -> 32 16-bit lanes
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
+}
+// (lanes & 0xF) | 0x4300 and (lanes >> 4) | 0x4300: the bf16 numbers 128 + q of both nibbles
+inline __m512bh low_codes(__m512i raw, __m512i magic) {
+  return (__m512bh)_mm512_ternarylogic_epi32(raw, _mm512_set1_epi16(0x000F), magic, 0xEA);  // (A & B) | C
+}
+inline __m512bh high_codes(__m512i raw, __m512i magic) {
+  return (__m512bh)_mm512_or_si512(_mm512_srli_epi16(raw, 4), magic);
+}
+inline __m512bh bcast_pair(const bf16* x) {
+  int32_t pair;
+  __builtin_memcpy(&pair, x, sizeof(pair));
+  return (__m512bh)_mm512_set1_epi32(pair);
+}
+
+// One group's 16 scales s and corrections -s (z + 128) of a panel (the kernel reads codes as 128 + q).
+struct GroupScale {
+  __m512 scale, corr;
+};
+inline GroupScale group_scale(const float* s, const uint8_t* z) {
+  __m512 scale = _mm512_loadu_ps(s);
+  __m512 zf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))));
+  return {scale, _mm512_mul_ps(scale, _mm512_sub_ps(_mm512_set1_ps(-128.0f), zf))};
+}
+
+// y[0:mb, 0:nb*16] from the codes of nb panels; asum (mb, K/G): each row's sum of x over each group.
+template <int mb, int nb>
+void block_codes(const bf16* x, int64_t ldx, const uint8_t* c, const float* sp, const uint8_t* zp,
+                 const float* asum, int64_t K, int64_t G, const bf16* bias, bf16* y, int64_t ldy, __mmask16 tail) {
+  const int64_t groups = K / G, cstride = K * 8, sstride = groups * kPanel;  // bytes / scales per panel
+  const __m512i magic = _mm512_set1_epi16(0x4300);
+  // The high nibbles get their own accumulators: twice the dependency chains of `vdpbf16ps` to hide its
+  // latency at one row. Every block shape sums a row in this same order, so a row's result never depends
+  // on how many rows the call has (eager and compiled steps pad batches differently).
+  __m512 acc[mb][nb];
+  for (int m = 0; m < mb; ++m)
+    for (int n = 0; n < nb; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[2][mb][nb];  // [low nibbles, high nibbles]
+    for (int i = 0; i < 2; ++i)
+      for (int m = 0; m < mb; ++m)
+        for (int n = 0; n < nb; ++n) part[i][m][n] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
+      __m512bh lo[nb], hi[nb];
+      for (int n = 0; n < nb; ++n) {
+        __m512i raw = widen(c + n * cstride + k * 8);
+        lo[n] = low_codes(raw, magic), hi[n] = high_codes(raw, magic);
+      }
+      for (int m = 0; m < mb; ++m) {
+        __m512bh xa = bcast_pair(x + m * ldx + k), xb = bcast_pair(x + m * ldx + k + 2);
+        for (int n = 0; n < nb; ++n) {
+          part[0][m][n] = _mm512_dpbf16_ps(part[0][m][n], xa, lo[n]);
+          part[1][m][n] = _mm512_dpbf16_ps(part[1][m][n], xb, hi[n]);
+        }
+      }
+    }
+    for (int n = 0; n < nb; ++n) {
+      const GroupScale gs = group_scale(sp + n * sstride + g * kPanel, zp + n * sstride + g * kPanel);
+      for (int m = 0; m < mb; ++m) {
+        __m512 p = _mm512_add_ps(part[0][m][n], part[1][m][n]);
+        acc[m][n] = _mm512_fmadd_ps(p, gs.scale, acc[m][n]);
+        acc[m][n] = _mm512_fmadd_ps(gs.corr, _mm512_set1_ps(asum[m * groups + g]), acc[m][n]);
+      }
+    }
+  }
+  for (int n = 0; n < nb; ++n) {
+    __mmask16 mask = n == nb - 1 ? tail : (__mmask16)0xFFFF;
+    __m512 b = bias ? load_bias(bias + n * kPanel, mask) : _mm512_setzero_ps();
+    for (int m = 0; m < mb; ++m) {
+      __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][n], b));
+      _mm256_mask_storeu_epi16(y + m * ldy + n * kPanel, mask, (__m256i)out);
+    }
+  }
+}
+
+using CodesFn = void (*)(const bf16*, int64_t, const uint8_t*, const float*, const uint8_t*, const float*,
+                         int64_t, int64_t, const bf16*, bf16*, int64_t, __mmask16);
+
+template <int mb>
+constexpr CodesFn pick_codes_nb(int nb) {
+  return nb == 4 ? block_codes<mb, 4> : nb == 3 ? block_codes<mb, 3> : nb == 2 ? block_codes<mb, 2>
+                                                                               : block_codes<mb, 1>;
+}
+
+
+// Register blocks on codes (2 mb nb partial sums + mb nb totals + 2 nb code registers <= 28 of 32): one row x
+// up to 4 panels, or 2-4 rows x up to 2 panels, so the nibble unpacking is shared by up to 4 rows.
+CodesFn pick_codes(int mb, int nb) {
+  switch (mb) {
+    case 4: return nb == 2 ? block_codes<4, 2> : block_codes<4, 1>;
+    case 3: return nb == 2 ? block_codes<3, 2> : block_codes<3, 1>;
+    case 2: return nb == 2 ? block_codes<2, 2> : block_codes<2, 1>;
+    default: return pick_codes_nb<1>(nb);
+  }
+}
+
+// nb panels of codes -> bf16 panels (nb, K/2, 16, 2) in `out` (the bf16 kernel's layout).
+void dequant_panels(const uint8_t* c, const float* sp, const uint8_t* zp, int64_t K, int64_t G, int nb,
+                    bf16* out) {
+  const int64_t groups = K / G, cstride = K * 8, sstride = groups * kPanel;
+  const __m512i magic = _mm512_set1_epi16(0x4300);
+  // lane i of an fp32 half holds column i / 2 (+ 8 in the upper half): the panel's (j, e) interleave
+  const __m512i dup_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i dup_hi = _mm512_add_epi32(dup_lo, _mm512_set1_epi32(8));
+  for (int n = 0; n < nb; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const GroupScale gs = group_scale(sp + n * sstride + g * kPanel, zp + n * sstride + g * kPanel);
+      const __m512 scale = gs.scale, corr = gs.corr;
+      __m512 s_lo = _mm512_permutexvar_ps(dup_lo, scale), s_hi = _mm512_permutexvar_ps(dup_hi, scale);
+      __m512 c_lo = _mm512_permutexvar_ps(dup_lo, corr), c_hi = _mm512_permutexvar_ps(dup_hi, corr);
+      for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
+        __m512i raw = widen(c + n * cstride + k * 8);
+        __m512i pairs[2] = {(__m512i)low_codes(raw, magic), (__m512i)high_codes(raw, magic)};  // k, k + 2
+        for (int h = 0; h < 2; ++h) {
+          // bf16 (128 + q) -> fp32: the 16 bits become an fp32's top half
+          __m512 f_lo = _mm512_castsi512_ps(
+              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(pairs[h])), 16));
+          __m512 f_hi = _mm512_castsi512_ps(
+              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(pairs[h], 1)), 16));
+          __m512bh w = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(f_hi, s_hi, c_hi), _mm512_fmadd_ps(f_lo, s_lo, c_lo));
+          _mm512_storeu_si512(out + n * K * kPanel + (k + 2 * h) * kPanel, (__m512i)w);
+        }
+      }
+    }
+  }
+}
+
+void check_layout(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t K, int64_t G,
+                  const char* op) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.size(2) == kPanel &&
+                  codes.size(3) == 2 && codes.is_contiguous(),
+              op, ": codes are not in the packed int4 layout (P, K/4, 16, 2) uint8");
+  TORCH_CHECK(G > 0 && G % 4 == 0 && K % G == 0, op, ": group size ", G, " must be a multiple of 4 dividing ", K);
+  for (const at::Tensor* t : {&scales, &zeros})
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == codes.size(0) && t->size(1) == K / G && t->size(2) == kPanel &&
+                    t->is_contiguous(),
+                op, ": scales and zeros must be (P, K/G, 16) matching the codes");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kByte, op,
+              ": scales must be fp32 and zeros uint8");
+}
+
+at::Tensor linear_w4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
+                     const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t group_size) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_w4: x must be bf16");
+  const int64_t K = codes.size(1) * 4, panels = codes.size(0), G = group_size;
+  check_layout(codes, scales, zeros, K, G, "linear_w4");
+  TORCH_CHECK(x.size(-1) == K, "linear_w4: x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(out_features > (panels - 1) * kPanel && out_features <= panels * kPanel,
+              "linear_w4: out_features ", out_features, " does not match ", panels, " panels");
+  const bf16* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == out_features && bias->is_contiguous(),
+                "linear_w4: bias must be a contiguous bf16 vector of out_features");
+    b = reinterpret_cast<const bf16*>(bias->data_ptr());
+  }
+  at::Tensor xc = x.reshape({-1, K}).contiguous();
+  const int64_t M = xc.size(0), N = out_features, groups = K / G;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (M == 0) return y;
+  const bf16* xp = reinterpret_cast<const bf16*>(xc.data_ptr());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  bf16* yp = reinterpret_cast<bf16*>(y.data_ptr());
+  const bool small = M <= kSmallM;
+
+  std::vector<float> asum;  // (M, K/G): fp32 sums of the bf16 x over each group, for the code path
+  if (small) {
+    asum.resize(M * groups);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 s = _mm512_setzero_ps();
+        const bf16* xr = xp + r * K + g * G;
+        for (int64_t k = 0; k < G; k += 16) {
+          __mmask16 mask = (__mmask16)(G - k >= 16 ? 0xFFFF : (1u << (G - k)) - 1u);
+          __m256i raw = _mm256_maskz_loadu_epi16(mask, xr + k);
+          s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+        }
+        asum[r * groups + g] = _mm512_reduce_add_ps(s);
+      }
+  }
+  // Tasks as in linear_bf16: (64-column group, chunk of up to 64 rows).
+  const int64_t col_groups = (panels + NB - 1) / NB;
+  const int64_t row_chunk = 64, chunks = (M + row_chunk - 1) / row_chunk;
+  const int64_t tasks = col_groups * chunks;
+  const int64_t per_task = std::min(M, row_chunk) * NB * kPanel * K;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(per_task, 1));
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<bf16> scratch;  // the large-M path's dequantized panels
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t cg = t % col_groups, ch = t / col_groups;
+      const int64_t p0 = cg * NB, nb = std::min<int64_t>(NB, panels - p0);
+      const int64_t col0 = p0 * kPanel, cols = std::min<int64_t>(nb * kPanel, N - col0);
+      const __mmask16 tail = (__mmask16)((1u << (cols - (nb - 1) * kPanel)) - 1u);
+      const int64_t r_end = std::min(M, (ch + 1) * row_chunk);
+      const uint8_t* c = cp + p0 * K * 8;
+      const float* s = sp + p0 * groups * kPanel;
+      const uint8_t* z = zp + p0 * groups * kPanel;
+      const bf16* bb = b ? b + col0 : nullptr;
+      if (small) {
+        const int rows = r_end - ch * row_chunk == 1 ? 1 : 4, sub = rows == 1 ? 4 : 2;  // block shape
+        for (int64_t r = ch * row_chunk; r < r_end; r += rows) {
+          const int mb = (int)std::min<int64_t>(rows, r_end - r);
+          for (int64_t q = 0; q < nb; q += sub) {
+            const int nq = (int)std::min<int64_t>(sub, nb - q);
+            const __mmask16 t = q + nq == nb ? tail : (__mmask16)0xFFFF;
+            const int64_t sq = q * groups * kPanel;
+            pick_codes(mb, nq)(xp + r * K, K, c + q * K * 8, s + sq, z + sq, asum.data() + r * groups, K, G,
+                               bb ? bb + q * kPanel : nullptr, yp + r * N + col0 + q * kPanel, N, t);
+          }
+        }
+      } else {
+        scratch.resize(nb * K * kPanel);
+        dequant_panels(c, s, z, K, G, (int)nb, scratch.data());
+        for (int64_t r = ch * row_chunk; r < r_end; r += MB) {
+          const int mb = (int)std::min<int64_t>(MB, r_end - r);
+          pick(mb, (int)nb)(xp + r * K, K, scratch.data(), K, bb, yp + r * N + col0, N, tail);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// The large-M path's dequantized bf16 panels of the whole weight (for tests: what that path multiplies by).
+at::Tensor dequant_w4(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
+                      int64_t group_size) {
+  TORCH_CHECK(codes.dim() == 4, "dequant_w4: codes are not in the packed int4 layout (P, K/4, 16, 2) uint8");
+  const int64_t K = codes.size(1) * 4, panels = codes.size(0), groups = K / std::max<int64_t>(group_size, 1);
+  check_layout(codes, scales, zeros, K, group_size, "dequant_w4");
+  at::Tensor out = at::empty({panels, K / 2, kPanel, 2}, codes.options().dtype(at::kBFloat16));
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      dequant_panels(codes.data_ptr<uint8_t>() + p * K * 8, scales.data_ptr<float>() + p * groups * kPanel,
+                     zeros.data_ptr<uint8_t>() + p * groups * kPanel, K, group_size, 1,
+                     reinterpret_cast<bf16*>(out.data_ptr()) + p * K * kPanel);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qserve_cpu, m) {
+  m.def(
+      "linear_w4(Tensor x, Tensor codes, Tensor scales, Tensor zeros, Tensor? bias, int out_features, "
+      "int group_size) -> Tensor");
+  m.def("dequant_w4(Tensor codes, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qserve_cpu, CPU, m) {
+  m.impl("linear_w4", linear_w4);
+  m.impl("dequant_w4", dequant_w4);
+}
