@@ -64,7 +64,9 @@ def main() -> None:
                 x = torch.randn(m, k, generator=g).bfloat16()
                 ref = x.float() @ w.float().t()
                 w4 = functools.partial(cpu_native.linear_w4, x, w4p, None, n, g_size)
-                tint4 = functools.partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, t_packed, g_size, t_sz)
+                tint4 = functools.partial(
+                    torch.ops.aten._weight_int4pack_mm_for_cpu, x, t_packed, g_size, t_sz
+                )
                 bf = functools.partial(cpu_native.linear_bf16, x, panels, None, n)
                 err = ((w4().float() - ref).abs().max() / ref.abs().max()).item()
                 calls = args.calls if m <= 32 else max(args.calls // 10, 20)

@@ -41,22 +41,6 @@ using namespace qserve_cpu_panels;
 
 constexpr int64_t kSmallM = 8;  // rows up to which the codes are used directly (a token bucket)
 
-inline __m512i widen(const uint8_t* c) {  // 32 bytes -> 32 16-bit lanes
-  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
-}
-// (lanes & 0xF) | 0x4300 and (lanes >> 4) | 0x4300: the bf16 numbers 128 + q of both nibbles
-inline __m512bh low_codes(__m512i raw, __m512i magic) {
-  return (__m512bh)_mm512_ternarylogic_epi32(raw, _mm512_set1_epi16(0x000F), magic, 0xEA);  // (A & B) | C
-}
-inline __m512bh high_codes(__m512i raw, __m512i magic) {
-  return (__m512bh)_mm512_or_si512(_mm512_srli_epi16(raw, 4), magic);
-}
-inline __m512bh bcast_pair(const bf16* x) {
-  int32_t pair;
-  __builtin_memcpy(&pair, x, sizeof(pair));
-  return (__m512bh)_mm512_set1_epi32(pair);
-}
-
 // One group's 16 scales s and corrections -s (z + 128) of a panel (the kernel reads codes as 128 + q).
 struct GroupScale {
   __m512 scale, corr;
@@ -211,20 +195,7 @@ at::Tensor linear_w4(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const bool small = M <= kSmallM;
 
   std::vector<float> asum;  // (M, K/G): fp32 sums of the bf16 x over each group, for the code path
-  if (small) {
-    asum.resize(M * groups);
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t g = 0; g < groups; ++g) {
-        __m512 s = _mm512_setzero_ps();
-        const bf16* xr = xp + r * K + g * G;
-        for (int64_t k = 0; k < G; k += 16) {
-          __mmask16 mask = (__mmask16)(G - k >= 16 ? 0xFFFF : (1u << (G - k)) - 1u);
-          __m256i raw = _mm256_maskz_loadu_epi16(mask, xr + k);
-          s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
-        }
-        asum[r * groups + g] = _mm512_reduce_add_ps(s);
-      }
-  }
+  if (small) asum = group_sums(xp, M, K, G);
   // Tasks as in linear_bf16: (64-column group, chunk of up to 64 rows).
   const int64_t col_groups = (panels + NB - 1) / NB;
   const int64_t row_chunk = 64, chunks = (M + row_chunk - 1) / row_chunk;

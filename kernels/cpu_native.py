@@ -1,4 +1,4 @@
-"""qserve's native CPU kernels (``cpu_gemm.cpp``, ``cpu_gemm_w4.cpp``): built once per machine with the C++ compiler inductor
+"""qserve's native CPU kernels (``cpu_gemm.cpp``, ``cpu_gemm_w4.cpp``, ``cpu_gemm_w8.cpp``): built once per machine with the C++ compiler inductor
 already needs, loaded as the torch ops ``torch.ops.qserve_cpu.*``.
 
 * ``qserve_cpu::pack_bf16(w)``: a (N, K) bf16 weight -> the kernel's 16-column panels, (ceil(N/16), K/2, 16, 2).
@@ -7,6 +7,8 @@ already needs, loaded as the torch ops ``torch.ops.qserve_cpu.*``.
   level with it at M = 512 (bench/RESULTS.md), so it replaces oneDNN's layout rather than adding one.
 * ``qserve_cpu::linear_w4(x, codes, scales, zeros, bias, out_features, group_size)``: the same for int4 weights
   packed by `pack_w4` (dot products on the codes up to 8 rows, a dequantized bf16 tile per 64 columns above).
+* ``qserve_cpu::linear_w8(x, codes, scales, bias, out_features)``: the same for int8 weights with one scale
+  per output column, packed by `pack_w8`.
 
 `available()` is False (and the callers keep oneDNN) when the CPU lacks AVX512-BF16, no compiler is found,
 the build fails, or ``QSERVE_NATIVE=0``. The build (~10 s) goes to ``~/.cache/qserve/native/<hash>/``, keyed by
@@ -31,7 +33,9 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("qserve")
 # Every native source is compiled into one library (one build, one load); the ops register themselves.
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_gemm.cpp", "cpu_gemm_w4.cpp"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("cpu_gemm.cpp", "cpu_gemm_w4.cpp", "cpu_gemm_w8.cpp")
+)
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_panels.h",))
 CACHE_DIR = Path(os.environ.get("QSERVE_NATIVE_CACHE", Path.home() / ".cache" / "qserve" / "native"))
 ISA_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
@@ -60,7 +64,8 @@ def _build(cxx: str) -> Path:
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     flags += ISA_FLAGS
     key = hashlib.sha256(
-        b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS)) + f"{torch.__version__}|{cxx}|{' '.join(flags)}".encode()
+        b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
+        + f"{torch.__version__}|{cxx}|{' '.join(flags)}".encode()
     ).hexdigest()[:16]
     out = CACHE_DIR / key / "qserve_cpu.so"
     if out.exists():
@@ -124,6 +129,16 @@ def _register_fakes() -> None:
     ) -> torch.Tensor:
         return x.new_empty(*x.shape[:-1], out_features)
 
+    @torch.library.register_fake("qserve_cpu::linear_w8")
+    def _(
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_features: int,
+    ) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
     @torch.library.register_fake("qserve_cpu::dequant_w4")
     def _(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
         return codes.new_empty(codes.shape[0], codes.shape[1] * 2, 16, 2, dtype=torch.bfloat16)
@@ -160,7 +175,9 @@ def pack_w4(
     if k % 4 or group_size % 4 or k % group_size:
         raise ValueError(f"int4 panels need K ({k}) and the group size ({group_size}) multiples of 4, K of G")
     if scales.shape != (n, k // group_size) or zeros.shape != scales.shape:
-        raise ValueError(f"scales/zeros {tuple(scales.shape)}/{tuple(zeros.shape)} do not match ({n}, {k // group_size})")
+        raise ValueError(
+            f"scales/zeros {tuple(scales.shape)}/{tuple(zeros.shape)} do not match ({n}, {k // group_size})"
+        )
     pad = -n % 16
     p = (n + pad) // 16
     q = F.pad(codes.to(torch.uint8), (0, 0, 0, pad)).view(p, 16, k // 4, 2, 2)  # (p, j, t, h, e): k = 4t+2h+e
@@ -181,3 +198,26 @@ def linear_w4(
 ) -> torch.Tensor:
     """x (..., K) bf16 @ dequant(W)^T (+ bias) -> (..., out_features) bf16; ``w4`` = `pack_w4`'s tensors."""
     return torch.ops.qserve_cpu.linear_w4(x, *w4, bias, out_features, group_size)
+
+
+def pack_w8(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight (N, K) with one scale per output column (N,) -> the layout `linear_w8` reads: codes
+    (P, K/2, 16, 2) uint8 holding q + 128 in the bf16 panel order, scales (P, 16) fp32, P = ceil(N/16).
+    Columns past N get code 128 (q = 0) and scale 0. K must be even."""
+    n, k = qweight.shape
+    if k % 2:
+        raise ValueError(f"int8 panels need an even in_features, got {k}")
+    if scales.shape != (n,):
+        raise ValueError(f"scales {tuple(scales.shape)} do not match ({n},)")
+    pad = -n % 16
+    u = (qweight.to(torch.int16) + 128).to(torch.uint8)  # (N, K) in [0, 255]
+    u = F.pad(u, (0, 0, 0, pad), value=128)
+    codes = u.view(-1, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()  # (P, K/2, 16, 2)
+    return codes, F.pad(scales.float(), (0, pad)).view(-1, 16).contiguous()
+
+
+def linear_w8(
+    x: torch.Tensor, w8: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """x (..., K) bf16 @ (s * Q)^T (+ bias) -> (..., out_features) bf16; ``w8`` = `pack_w8`'s tensors."""
+    return torch.ops.qserve_cpu.linear_w8(x, *w8, bias, out_features)

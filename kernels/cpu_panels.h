@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace qserve_cpu_panels {
 
@@ -60,6 +61,45 @@ inline BlockFn pick(int mb, int nb) {
     case 2: return pick_nb<2>(nb);
     default: return pick_nb<1>(nb);
   }
+}
+
+// ---- quantized panels (cpu_gemm_w4.cpp, cpu_gemm_w8.cpp): a byte b of codes becomes the bf16 numbers
+// 128 + (b & 0xF) and 128 + (b >> 4) by OR-ing each nibble into 0x4300, the bf16 of 128 (its 7 mantissa bits
+// hold any nibble exactly), so `vdpbf16ps` sums x * (128 + nibble) exactly in fp32 and the 128 is taken
+// back out with the row's sum of x.
+
+inline __m512i widen(const uint8_t* c) {  // 32 bytes -> 32 16-bit lanes
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
+}
+// (lanes & 0xF) | 0x4300 and (lanes >> 4) | 0x4300: the bf16 numbers 128 + q of both nibbles
+inline __m512bh low_codes(__m512i raw, __m512i magic) {
+  return (__m512bh)_mm512_ternarylogic_epi32(raw, _mm512_set1_epi16(0x000F), magic, 0xEA);  // (A & B) | C
+}
+inline __m512bh high_codes(__m512i raw, __m512i magic) {
+  return (__m512bh)_mm512_or_si512(_mm512_srli_epi16(raw, 4), magic);
+}
+inline __m512bh bcast_pair(const bf16* x) {
+  int32_t pair;
+  __builtin_memcpy(&pair, x, sizeof(pair));
+  return (__m512bh)_mm512_set1_epi32(pair);
+}
+
+// (M, K / G) fp32 sums of each row of x (M, K) bf16 over each group of G columns
+inline std::vector<float> group_sums(const bf16* x, int64_t M, int64_t K, int64_t G) {
+  const int64_t groups = K / G;
+  std::vector<float> out(M * groups);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 s = _mm512_setzero_ps();
+      const bf16* xr = x + r * K + g * G;
+      for (int64_t k = 0; k < G; k += 16) {
+        __mmask16 mask = (__mmask16)(G - k >= 16 ? 0xFFFF : (1u << (G - k)) - 1u);
+        __m256i raw = _mm256_maskz_loadu_epi16(mask, xr + k);
+        s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+      }
+      out[r * groups + g] = _mm512_reduce_add_ps(s);
+    }
+  return out;
 }
 
 }  // namespace qserve_cpu_panels

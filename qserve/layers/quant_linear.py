@@ -6,6 +6,7 @@
   16-column int4 panels (backend "cpu-native-int4"): dot products on the codes at decode batch sizes, a
   dequantized bf16 tile per 64 columns above 8 rows; 2-3x torch's int4 kernel at every M, and faster than
   the native bf16 linear at batch 1 (bench/RESULTS.md). It also takes group sizes torch's kernel rejects.
+  int8 likewise (``qserve_cpu::linear_w8``, "cpu-native-int8"): 1.1-3x torch's int8 kernel.
 * CPU otherwise: torch's own weight-only kernels, ``aten._weight_int4pack_mm_for_cpu`` (int4: codes re-packed by
   ``aten._convert_weight_to_int4pack_for_cpu``, scales and zeros rewritten as ``(K/G, N, 2)`` pairs with
   ``W = (q - 8) * scale + zero``) and ``aten._weight_int8pack_mm``. In torch 2.13 only their bfloat16 paths
@@ -34,7 +35,12 @@ _INNER_K_TILES = 2
 
 def native_int4_ok(in_features: int, group_size: int) -> bool:
     """Whether qserve's native int4 kernel takes this shape (and runs on this machine)."""
-    return in_features % 4 == 0 and group_size % 4 == 0 and in_features % group_size == 0 and cpu_native.available()
+    return (
+        in_features % 4 == 0
+        and group_size % 4 == 0
+        and in_features % group_size == 0
+        and cpu_native.available()
+    )
 
 
 def cpu_int4_ok(group_size: int) -> bool:
@@ -72,8 +78,8 @@ class QuantLinear(nn.Module):
         dtype: the model's activation dtype; inputs and outputs use it.
         device: where the weights live.
 
-    Invariants: after :meth:`load`, ``backend`` is "cpu-native-int4", "cpu-int4", "cpu-int8", "triton" or
-    "reference", and only the
+    Invariants: after :meth:`load`, ``backend`` is "cpu-native-int4", "cpu-native-int8", "cpu-int4", "cpu-int8",
+    "triton" or "reference", and only the
     tensors that backend reads are kept (the CPU kernels' packed forms are not decodable back).
     """
 
@@ -140,7 +146,15 @@ class QuantLinear(nn.Module):
     def set_weight(self, qw: QuantizedWeight) -> None:
         """Install a QuantizedWeight, re-packing it for the backend this device and shape allow."""
         self.qweight = self.scales = self.qzeros = self.scales_and_zeros = self._qw = None
-        if self.device.type == "cpu" and qw.weights == "int8":
+        if (
+            self.device.type == "cpu"
+            and qw.weights == "int8"
+            and qw.in_features % 2 == 0
+            and cpu_native.available()
+        ):
+            self.backend = "cpu-native-int8"
+            self.qweight, self.scales = cpu_native.pack_w8(qw.qweight, qw.scales)  # (P, K/2, 16, 2), (P, 16)
+        elif self.device.type == "cpu" and qw.weights == "int8":
             self.backend = "cpu-int8"
             # Own, freshly allocated copies: tensors straight from a safetensors file can sit at any byte
             # offset, and torch's CPU kernels crash on unaligned weights.
@@ -188,6 +202,9 @@ class QuantLinear(nn.Module):
                 x2.to(_CPU_DTYPE), self.qweight, self.spec.group_size, self.scales_and_zeros
             )  # (T, N')
             y = y[:, : self.out_features].to(x.dtype)
+        elif self.backend == "cpu-native-int8":
+            w8 = (self.qweight, self.scales)
+            y = cpu_native.linear_w8(x2.to(_CPU_DTYPE), w8, None, self.out_features).to(x.dtype)  # type: ignore[arg-type]
         elif self.backend == "cpu-int8":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(_CPU_DTYPE), self.qweight, self.scales).to(x.dtype)
         elif self.backend == "triton":  # the W4A16 / W8A16 kernels (reference fallback without triton)

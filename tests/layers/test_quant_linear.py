@@ -60,14 +60,24 @@ def test_int4_cpu_kernel_matches_reference(
     assert _rel_err(y, _reference(x, qw, bias.to(dtype))) < 1e-2
 
 
+@pytest.fixture(params=["cpu-native-int8", "cpu-int8"])
+def int8_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each CPU int8 backend in turn: qserve's native kernel (where it runs) and torch's."""
+    if request.param == "cpu-native-int8" and not cpu_native.available():
+        pytest.skip("qserve's native CPU kernels do not run here")
+    if request.param == "cpu-int8":
+        monkeypatch.setattr(quant_linear.cpu_native, "available", lambda: False)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("n", "k"), [(64, 128), (40, 96)])
-@pytest.mark.parametrize("t", [1, 8, 33])
-def test_int8_cpu_kernel_matches_reference(n: int, k: int, t: int) -> None:
+@pytest.mark.parametrize("t", [1, 8, 9, 33])
+def test_int8_cpu_kernel_matches_reference(n: int, k: int, t: int, int8_backend: str) -> None:
     torch.manual_seed(t)
     qw = quantize(torch.randn(n, k) * 0.05, "int8")
     layer = QuantLinear(k, n, False, _spec(INT8), torch.float32, "cpu")
     layer.load([qw.tensors()])
-    assert layer.backend == "cpu-int8"
+    assert layer.backend == int8_backend
     x = torch.randn(t, k)
     assert _rel_err(layer(x), _reference(x, qw, None)) < 1e-2
 
