@@ -28,6 +28,8 @@ from qserve.kernels.bnb4_matmul import Bnb4Weight, bnb4_matmul
 from qserve.kernels.packing import QuantSpec
 from qserve.kernels.quant_matmul_configs import HAS_TRITON
 
+# bitsandbytes' AVX512-bf16 CPU layout packs N in blocks of 32 (Qwen2-MoE's (1, H) gate does not fit)
+_BNB_CPU_BLOCK_N = 32
 BNB_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state")
 
 
@@ -96,6 +98,8 @@ class Bnb4bitLinear(nn.Module):
                 lin.weight = bnb.nn.Params4bit.from_prequantized(
                     w, state, requires_grad=False, device=self.device, module=lin
                 )
+            if lin.out_features % _BNB_CPU_BLOCK_N:  # bitsandbytes' packed CPU GEMM asserts N % 32 == 0
+                lin.support_avx512bf16_for_cpu = False  # its generic path then: dequantize + matmul
             parts.append(lin)
         outs = sum(int(m.out_features) for m in self._linears(parts))
         if outs != self.out_features:

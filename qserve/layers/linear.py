@@ -65,6 +65,9 @@ class Linear(nn.Module):
 
     def load(self, shards: list[dict[str, torch.Tensor]]) -> None:
         weight = torch.cat([s["weight"] for s in shards], dim=0) if len(shards) > 1 else shards[0]["weight"]
+        extra = sorted({k for s in shards for k in s} - {"weight", "bias"})
+        if extra or not weight.is_floating_point():  # bitsandbytes int8 + SCB, say: codes are not floats
+            raise QServeError(f"a float layer got {weight.dtype} weights with {extra or 'no scales'}")
         if weight.shape != self.weight.shape:
             raise QServeError(f"weight shape {tuple(weight.shape)} does not match {tuple(self.weight.shape)}")
         self.weight.data.copy_(weight)
