@@ -64,7 +64,9 @@ class Bnb4bitLinear(nn.Module):
 
     def load(self, shards: list[dict[str, torch.Tensor]]) -> None:
         """One shard per sub-projection in output order; each holds ``weight`` and ``weight.<state>`` tensors."""
-        import bitsandbytes as bnb
+        from qserve.utils import import_bitsandbytes
+
+        bnb = import_bitsandbytes()
 
         parts = nn.ModuleList()
         for shard in shards:

@@ -218,3 +218,26 @@ def test_bnb_4bit_experts_and_misplaced_codes_are_refused() -> None:
         lin.load([{"weight": torch.zeros(8, 64, dtype=torch.int8), "SCB": torch.ones(8)}])
     with pytest.raises(QServeError, match="float layer got torch.uint8"):
         lin.load([{"weight": torch.zeros(8, 64, dtype=torch.uint8)}])
+
+
+def test_cli_convert_nf4_then_generate_print_no_bitsandbytes_noise(
+    tiny_model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The CLI end to end in fresh processes: stderr stays empty (bitsandbytes' import-time warning about an
+    optional Hub kernel is silenced on CPUs that have AVX512-bf16), and bad input is one `error:` line."""
+    import subprocess
+    import sys
+
+    def qserve(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "qserve.cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    out = tmp_path / "nf4"
+    r = qserve("convert", str(tiny_model_factory("llama")), str(out), "--weights", "nf4", "--no-progress")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith(f"wrote {out} (nf4, bitsandbytes): 14 linear layers")
+    r = qserve("generate", str(out), "hi", "--max-tokens", "4")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("hi"), r.stderr
+    r = qserve("convert", str(out), str(tmp_path / "again"), "--no-progress")
+    assert r.returncode == 2 and r.stderr.startswith("error: SRC is a bitsandbytes nf4 checkpoint")
+    assert len(r.stderr.strip().splitlines()) == 1
