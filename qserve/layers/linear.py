@@ -151,6 +151,10 @@ def make_linear(
         from qserve.layers.bnb_linear import Bnb4bitLinear
 
         return Bnb4bitLinear(in_features, out_features, bias, quant, dtype, device)
+    if quant.source == "bnb" and torch.device(device).type == "cpu":  # LLM.int8 by bitsandbytes (exact)
+        from qserve.layers.bnb_linear import Bnb8bitLinear
+
+        return Bnb8bitLinear(in_features, out_features, bias, quant, dtype, device)
     from qserve.layers.quant_linear import QuantLinear
 
     return QuantLinear(in_features, out_features, bias, quant, dtype, device)
