@@ -19,6 +19,7 @@ qserve's int8 layout, load as :class:`qserve.layers.quant_linear.QuantLinear` (w
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -206,13 +207,10 @@ class Bnb8bitLinear(nn.Module):
 
     def load(self, shards: list[dict[str, torch.Tensor]]) -> None:
         """One shard per sub-projection in output order: ``weight`` int8 + ``SCB``, or a float ``weight``."""
-        import warnings
-
         from qserve.utils import import_bitsandbytes
 
         bnb = import_bitsandbytes()
-        # bitsandbytes warns on every new call site that it casts float32 / bf16 inputs to fp16 to quantize them
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        _quiet_int8_cast_notice()
         parts = nn.ModuleList()
         for shard in shards:
             w, bias = shard.get("weight"), shard.get("bias")
@@ -270,3 +268,15 @@ def _scb(m: nn.Module) -> list[torch.Tensor]:
     if scb is None:
         scb = getattr(getattr(m, "state", None), "SCB", None)
     return [scb] if isinstance(scb, torch.Tensor) else []
+
+
+def _drop_cast_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_cast_notice() -> None:
+    """bitsandbytes logs, on EVERY LLM.int8 matmul with float32 / bf16 inputs, that it casts them to fp16 to
+    quantize them (which is how LLM.int8 works): one filter on that logger drops just that line."""
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if _drop_cast_notice not in log.filters:
+        log.addFilter(_drop_cast_notice)

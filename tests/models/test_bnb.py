@@ -239,6 +239,10 @@ def test_cli_convert_nf4_then_generate_print_no_bitsandbytes_noise(
     r = qserve("convert", str(out), str(tmp_path / "again"), "--no-progress")
     assert r.returncode == 2 and r.stderr.startswith("error: SRC is a bitsandbytes nf4 checkpoint")
     assert len(r.stderr.strip().splitlines()) == 1
+    # LLM.int8: bitsandbytes would log "inputs will be cast ... to float16" on every matmul
+    quantize_with_transformers(tiny_model_factory("llama"), tmp_path / "int8", **CONFIGS["int8"])
+    r = qserve("generate", str(tmp_path / "int8"), "hi", "--max-tokens", "4")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("hi"), r.stderr[-2000:]
 
 
 def test_bnb_int8_layer_errors_and_parts() -> None:
