@@ -40,8 +40,9 @@ def bnb_config(compute_dtype: str) -> dict[str, Any]:
 
 def _state_len(n: int, k: int, dtype: torch.dtype) -> int:
     """Bytes of the packed quant-state JSON of an (n, k) weight (it depends only on shape and dtype)."""
-    from bitsandbytes.functional import QuantState
+    from qserve.utils import import_bitsandbytes
 
+    QuantState = import_bitsandbytes().functional.QuantState  # noqa: N806 (bitsandbytes' class)
     qs = QuantState(torch.zeros(1), torch.Size([n, k]), torch.zeros(16), BLOCKSIZE, QUANT_TYPE, dtype)
     return int(qs.as_dict(packed=True)[f"quant_state.bitsandbytes__{QUANT_TYPE}"].numel())
 
@@ -61,7 +62,9 @@ def nf4_outputs(module: str, n: int, k: int, dtype: torch.dtype) -> list[OutputT
 
 def quantize_nf4(module: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """bitsandbytes' quantize_4bit of one (N, K) weight -> (output tensors by name, error statistics)."""
-    import bitsandbytes.functional as bnbf
+    from qserve.utils import import_bitsandbytes
+
+    bnbf = import_bitsandbytes().functional
 
     packed, qs = bnbf.quantize_4bit(w.contiguous(), blocksize=BLOCKSIZE, quant_type=QUANT_TYPE)
     out = {f"{module}.weight": packed}

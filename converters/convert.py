@@ -171,6 +171,11 @@ def _target(
     if source is not None:
         if source.source == "qserve":
             raise QServeError("SRC is already in qserve's quantized format")
+        if source.source == "bnb":  # 4-bit codebooks have no int4 form; its float weights are gone
+            raise QServeError(
+                f"SRC is a bitsandbytes {source.weights} checkpoint: qserve serves it as it is (qserve serve SRC); "
+                "to quantize differently, convert the float checkpoint"
+            )
         if weights not in (None, "int4") or group_size not in (None, source.group_size) or method is not None:
             raise QServeError(
                 f"SRC is a {source.source} checkpoint (int4, group size {source.group_size}): it is re-packed "

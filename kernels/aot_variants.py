@@ -183,7 +183,8 @@ def _attention_launches(rec: _Recorder, full: bool) -> None:
 
 def _moe_launches(rec: _Recorder, full: bool) -> None:
     """The fused-MoE grouped GEMM (gate/up, then down with the routing weight) for float / int8 / int4
-    experts (int4 at group 128; full: 32 / 64 too) x fp16 / bf16 activations."""
+    experts (int4 at group 128; full: 32 / 64 too) x fp16 / bf16 activations; quantized experts with scales
+    in the activation dtype (what `qserve convert` writes for a checkpoint of that dtype) and in float32."""
     from qserve.kernels.fused_moe import fused_moe_triton
     from qserve.kernels.packing import quantize
 
@@ -191,15 +192,20 @@ def _moe_launches(rec: _Recorder, full: bool) -> None:
     ids = torch.arange(t * top_k).view(t, top_k) % e  # (T, K): every expert gets rows
     weights = torch.full((t, top_k), 0.5)
     kinds = [("float", -1), ("int8", -1), ("int4", 128)] + ([("int4", 32), ("int4", 64)] if full else [])
-    for (kind, group), act in itertools.product(kinds, ACTS):
+    variants = [
+        (k, g, act, sdt) for (k, g), act in itertools.product(kinds, ACTS) for sdt in (act, torch.float32)
+    ]
+    for kind, group, act, sdt in variants:
+        if kind == "float" and sdt != act:
+            continue
         rec.label = f"moe {kind} group={group}"
         extra: dict[str, torch.Tensor | None] = {}
         if kind == "float":
             w13, w2 = _e(e, 2 * inter, h, dtype=act), _e(e, h, inter, dtype=act)
         else:  # qserve's layout per expert, stacked: what the loader hands the kernel
             q13, q2 = (
-                quantize(torch.zeros(2 * inter, h), kind, group),
-                quantize(torch.zeros(h, inter), kind, group),
+                quantize(torch.zeros(2 * inter, h), kind, group, scale_dtype=sdt),
+                quantize(torch.zeros(h, inter), kind, group, scale_dtype=sdt),
             )
             w13, w2 = (q.qweight.expand(e, *q.qweight.shape).contiguous() for q in (q13, q2))
             extra["w13_scales"], extra["w2_scales"] = (

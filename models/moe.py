@@ -4,6 +4,8 @@ Module names follow transformers v5 (``mlp.gate`` the router, ``mlp.experts``, Q
 ``mlp.shared_expert`` and ``mlp.shared_expert_gate``); Mixtral checkpoints' ``block_sparse_moe`` is read
 as ``mlp`` by the loader (:data:`CHECKPOINT_RENAMES`). The router and the shared expert's gate stay in
 float even in quantized checkpoints (as vLLM and AutoAWQ keep them): they are tiny and set the routing.
+bitsandbytes checkpoints are read as transformers v5 writes them: router and experts float (they are not
+``nn.Linear`` modules there), the shared expert and its gate quantized.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ class SparseMoeBlock(nn.Module):
         if moe.shared_expert_intermediate_size:
             inter = moe.shared_expert_intermediate_size
             self.shared_expert = dense_mlp(cfg, quant, dtype, device, inter)
-            self.shared_expert_gate = make_linear(cfg.hidden_size, 1, False, None, dtype, device)
+            # qserve keeps this (1, H) gate float; bitsandbytes quantizes it like any nn.Linear (so we read it)
+            gate_quant = quant if quant is not None and quant.source == "bnb" else None
+            self.shared_expert_gate = make_linear(cfg.hidden_size, 1, False, gate_quant, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, H) -> (T, H). Tensor ops and one custom op: no data-dependent Python control flow."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from types import ModuleType
 
 from qserve.errors import QServeError
 
@@ -41,3 +42,23 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def import_bitsandbytes() -> ModuleType:
+    """``import bitsandbytes``, without its CPU backend's start-up warning.
+
+    On AVX512-bf16 CPUs bitsandbytes (0.50) tries, at import, to fetch an optional 4-bit GEMM from the Hugging
+    Face Hub through the ``kernels`` package; where that fails (an untrusted publisher, offline) it logs
+    "Failed to load CPU gemm_4bit_forward ... pip install kernels" and runs its own built-in CPU kernel, the
+    one qserve uses. That line would sit beside qserve's own output and errors as if something were wrong.
+    """
+    import logging
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        log.setLevel(level)
+    return bitsandbytes

@@ -65,6 +65,9 @@ class Linear(nn.Module):
 
     def load(self, shards: list[dict[str, torch.Tensor]]) -> None:
         weight = torch.cat([s["weight"] for s in shards], dim=0) if len(shards) > 1 else shards[0]["weight"]
+        extra = sorted({k for s in shards for k in s} - {"weight", "bias"})
+        if extra or not weight.is_floating_point():  # bitsandbytes int8 + SCB, say: codes are not floats
+            raise QServeError(f"a float layer got {weight.dtype} weights with {extra or 'no scales'}")
         if weight.shape != self.weight.shape:
             raise QServeError(f"weight shape {tuple(weight.shape)} does not match {tuple(self.weight.shape)}")
         self.weight.data.copy_(weight)
@@ -148,6 +151,10 @@ def make_linear(
         from qserve.layers.bnb_linear import Bnb4bitLinear
 
         return Bnb4bitLinear(in_features, out_features, bias, quant, dtype, device)
+    if quant.source == "bnb" and torch.device(device).type == "cpu":  # LLM.int8 by bitsandbytes (exact)
+        from qserve.layers.bnb_linear import Bnb8bitLinear
+
+        return Bnb8bitLinear(in_features, out_features, bias, quant, dtype, device)
     from qserve.layers.quant_linear import QuantLinear
 
     return QuantLinear(in_features, out_features, bias, quant, dtype, device)

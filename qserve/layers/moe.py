@@ -70,10 +70,6 @@ class FusedMoE(nn.Module):
         device: torch.device,
     ) -> None:
         super().__init__()
-        if quant is not None and quant.weights in ("nf4", "fp4"):
-            raise QServeError(
-                "bitsandbytes 4-bit MoE experts are not supported: convert the float checkpoint"
-            )
         self.num_experts, self.hidden, self.inter = num_experts, hidden_size, intermediate_size
         self.quant, self.dtype, self.device = quant, dtype, torch.device(device)
         self.kind = "unloaded"
@@ -95,6 +91,7 @@ class FusedMoE(nn.Module):
     def load_named(self, tensors: dict[str, torch.Tensor]) -> None:
         """Fill every expert from checkpoint tensors named relative to this module (module docstring)."""
         e_count, h, i = self.num_experts, self.hidden, self.inter
+        quant = self._expert_quant(tensors)
         parts: list[list[dict[str, torch.Tensor]]] = [[{}, {}, {}] for _ in range(e_count)]
         fused: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
@@ -109,13 +106,13 @@ class FusedMoE(nn.Module):
                 raise QServeError(f"expert {e} in the checkpoint, but the config has {e_count} experts")
             parts[e][_PROJ[m[2]]][m[3]] = t
         if fused:
-            self._load_fused(fused)
+            self._load_fused(fused, quant)
             return
         for e, p in enumerate(parts):
             missing = [n for n, d in zip(("gate", "up", "down"), p, strict=True) if not d]
             if missing:
                 raise QServeError(f"checkpoint lacks the {missing[0]} projection of expert {e}")
-        if self.quant is None:
+        if quant is None:
             w13 = torch.stack([torch.cat([p[0]["weight"], p[1]["weight"]]) for p in parts])  # (E, 2I, H)
             w2 = torch.stack([p[2]["weight"] for p in parts])  # (E, H, I)
             self._set_float(w13, w2)
@@ -127,11 +124,30 @@ class FusedMoE(nn.Module):
                 raise QServeError(f"expert weight is {qw.out_features}x{qw.in_features}, expected {n}x{k}")
         self.set_quantized(q13, q2)
 
-    def _load_fused(self, fused: dict[str, torch.Tensor]) -> None:
+    def _expert_quant(self, tensors: dict[str, torch.Tensor]) -> QuantSpec | None:
+        """The spec the experts are stored in: the model's, except in a bitsandbytes checkpoint, whose float
+        experts stay float (transformers v5 quantizes only ``nn.Linear`` modules, never its fused expert
+        parameters, and computes them in float); bnb int8 experts (weight + SCB) load as qserve int8."""
+        if self.quant is None or self.quant.source != "bnb":
+            return self.quant
+        if any(n.endswith(("absmax", "quant_map", "quant_state")) or ".weight." in n for n in tensors):
+            raise QServeError(
+                f"bitsandbytes {self.quant.weights} expert weights (saved per expert by transformers < 5) are "
+                "not supported: serve the float checkpoint, or `qserve convert` it to int4/int8"
+            )
+        if all(t.is_floating_point() for n, t in tensors.items() if n.endswith(("weight", "proj"))):
+            return None
+        if self.quant.weights != "int8":
+            raise QServeError(
+                f"unexpected non-float expert weights in a bitsandbytes {self.quant.weights} checkpoint"
+            )
+        return self.quant
+
+    def _load_fused(self, fused: dict[str, torch.Tensor], quant: QuantSpec | None) -> None:
         if set(fused) != {"gate_up_proj", "down_proj"}:
             raise QServeError(f"fused expert tensors need gate_up_proj and down_proj, got {sorted(fused)}")
         w13, w2 = fused["gate_up_proj"], fused["down_proj"]
-        if self.quant is None:
+        if quant is None:
             self._set_float(w13, w2)
             return
         q13 = [self._quantize(w) for w in w13]  # a float checkpoint served quantized: RTN here

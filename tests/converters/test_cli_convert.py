@@ -83,6 +83,12 @@ def _bad_config(src: Path) -> None:
     (src / "config.json").write_text("{not json")
 
 
+def _bnb_config(src: Path) -> None:  # what transformers writes for BitsAndBytesConfig(load_in_4bit=True)
+    cfg = json.loads((src / "config.json").read_text())
+    q = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (src / "config.json").write_text(json.dumps({**cfg, "quantization_config": q}))
+
+
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
@@ -93,6 +99,7 @@ def _bad_config(src: Path) -> None:
         (_bad_arch, "unsupported architecture GPT2LMHeadModel"),
         (_bad_dtype, "unsupported dtype F64"),
         (_bad_config, "not valid JSON"),
+        (_bnb_config, "SRC is a bitsandbytes nf4 checkpoint: qserve serves it as it is"),
     ],
 )
 def test_bad_source(src: Path, tmp_path: Path, mutate: Callable[[Path], None], match: str) -> None:

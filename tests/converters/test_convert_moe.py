@@ -67,3 +67,50 @@ def test_converted_moe_runs_close_to_float(
         assert {m.kind for m in llm.engine.model.modules() if isinstance(m, FusedMoE)} == {f"cpu-{weights}"}
         nll = perplexity(llm, text, context=128).nll
         assert abs(nll - base) < tol * base, (weights, nll, base)
+
+
+@pytest.mark.parametrize(("arch", "weights"), [("qwen2_moe", "int4"), ("mixtral", "int8")])
+def test_converted_bf16_moe_in_the_gpu_layout_matches_the_cpu_kernels(
+    arch: str,
+    weights: str,
+    tiny_model_factory: Callable[..., Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A converted bf16 checkpoint (bf16 scales) with its experts kept in qserve's layout, as on CUDA, runs
+    every MoE layer through the fused Triton kernel (here in Triton's interpreter) and generates the same
+    greedy tokens as torch's CPU int4 / int8 kernels do."""
+    import functools
+
+    import qserve.kernels.fused_moe as fused
+    from qserve import LLM, SamplingParams
+    from qserve.kernels.quant_matmul_configs import HAS_TRITON
+    from qserve.layers.moe import FusedMoE
+
+    if not HAS_TRITON:
+        pytest.skip("needs triton")
+    src = tiny_model_factory(arch, dtype=torch.bfloat16)
+    out = convert(src, tmp_path / "q", weights=weights, group_size=32, progress=False)
+    batch = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def run() -> tuple[set[str], list[list[int]]]:
+        llm = LLM(str(out), kv_cache_memory=1 << 20, enforce_eager=True)
+        layers = [m for m in llm.engine.model.modules() if isinstance(m, FusedMoE)]
+        assert {m.w13_scales.dtype for m in layers} == {torch.bfloat16}  # type: ignore[union-attr]
+        return {m.kind for m in layers}, [
+            o.token_ids for o in llm.generate(prompt_token_ids=batch, sampling_params=sp)
+        ]
+
+    cpu_kinds, expected = run()
+    assert cpu_kinds == {f"cpu-{weights}"}
+    calls: list[int] = []
+    real = fused.fused_moe_triton
+    monkeypatch.setattr(fused, "fused_moe_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        FusedMoE, "set_quantized", functools.partialmethod(FusedMoE.set_quantized, keep_layout=True)
+    )
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gpu_kinds, got = run()
+    assert gpu_kinds == {weights} and calls
+    assert got == expected

@@ -192,6 +192,16 @@ def test_attention_variants(listed: list[dict[str, Any]]) -> None:
     assert {r["dtype"].split()[-1] for r in store} == {"cache:fp16", "cache:bf16", "cache:fp32", "cache:u8"}
 
 
+def test_moe_variants_cover_the_scale_dtypes_the_converter_writes(listed: list[dict[str, Any]]) -> None:
+    """Quantized experts of a bf16 / fp16 checkpoint carry bf16 / fp16 scales (float32 ones from a float32
+    source): each is its own Triton specialisation, so each must be compiled."""
+    moe = {tuple(r["dtype"].split()[:3]) for r in listed if r["kernel"] == "_fused_moe_kernel"}
+    for act in ("fp16", "bf16"):
+        assert (f"a:{act}", f"w:{act}", f"s:{act}") in moe  # float experts
+        for w in ("i8", "u8"):  # int8, int4
+            assert {(f"a:{act}", f"w:{w}", f"s:{s}") for s in (act, "fp32")} <= moe, (act, w)
+
+
 # ----------------------------------------------------------------------------- real compiles
 
 

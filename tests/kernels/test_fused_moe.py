@@ -76,7 +76,11 @@ def test_fused_matches_reference(
         extra: dict[str, torch.Tensor | None] = {}
         ref = moe_experts_ref(x, ids, w, a13, a2)
     else:
-        q13, q2 = [quantize(m, kind, group) for m in w13], [quantize(m, kind, group) for m in w2]
+        sdt = (
+            torch.float32 if group == 32 else dtype
+        )  # the checkpoint's dtype (float32 from a float32 source)
+        q13 = [quantize(m, kind, group, scale_dtype=sdt) for m in w13]
+        q2 = [quantize(m, kind, group, scale_dtype=sdt) for m in w2]
         a13, a2 = torch.stack([q.qweight for q in q13]), torch.stack([q.qweight for q in q2])
         extra = {
             "w13_scales": torch.stack([q.scales for q in q13]),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qserve import LLM, SamplingParams
+from qserve.layers.bnb_linear import Bnb4bitLinear
 from tests.models.test_hf_parity import prompts
 
 pytest.importorskip("bitsandbytes")
@@ -63,7 +64,7 @@ def test_bnb_checkpoint_agrees_with_transformers(
     hf = quantize_with_transformers(src, tmp_path / kind, **CONFIGS[kind])
     llm = LLM(str(tmp_path / kind), kv_cache_memory=1 << 20, dtype="float32")
     layer = llm.engine.model.model.layers[0].self_attn.qkv_proj
-    assert type(layer).__name__ == ("QuantLinear" if kind == "int8" else "Bnb4bitLinear")
+    assert type(layer).__name__ == ("Bnb8bitLinear" if kind == "int8" else "Bnb4bitLinear")
     agreement = teacher_forced_agreement(hf, llm, prompts(8))
     assert agreement >= 0.95, agreement
 
@@ -162,3 +163,124 @@ def test_default_compiled_engine_runs_bnb_checkpoints_eager(
     assert [o.token_ids for o in default.generate(prompt_token_ids=batch, sampling_params=sp)] == [
         o.token_ids for o in eager.generate(prompt_token_ids=batch, sampling_params=sp)
     ]
+
+
+@pytest.mark.parametrize(
+    ("arch", "kind"), [("mixtral", "nf4"), ("qwen2_moe", "nf4-dq"), ("qwen2_moe", "int8")]
+)
+def test_bnb_moe_checkpoints_agree_with_transformers(
+    arch: str, kind: str, tiny_model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """transformers v5 + bitsandbytes quantize an MoE model's nn.Linear modules only: attention, Qwen2-MoE's
+    shared expert and its (1, H) gate; the router and the fused experts stay float. qserve reads exactly that."""
+    from bitsandbytes.nn import Linear4bit
+
+    from qserve.layers.bnb_linear import Bnb8bitLinear
+    from qserve.layers.moe import FusedMoE
+    from qserve.models.moe import SparseMoeBlock
+
+    hf = quantize_with_transformers(tiny_model_factory(arch), tmp_path / kind, **CONFIGS[kind])
+    for (
+        m
+    ) in hf.modules():  # bitsandbytes' AVX512-bf16 CPU GEMM asserts N % 32 == 0: its generic path, as ours
+        if isinstance(m, Linear4bit) and m.out_features % 32:
+            m.support_avx512bf16_for_cpu = False
+    llm = LLM(str(tmp_path / kind), kv_cache_memory=1 << 20, dtype="float32")
+    assert {m.kind for m in llm.engine.model.modules() if isinstance(m, FusedMoE)} == {"float"}
+    quantized = Bnb8bitLinear if kind == "int8" else Bnb4bitLinear
+    for block in (m for m in llm.engine.model.modules() if isinstance(m, SparseMoeBlock)):
+        assert type(block.gate).__name__ == "Linear"
+        if arch == "qwen2_moe":
+            assert isinstance(block.shared_expert_gate, quantized)
+            assert isinstance(block.shared_expert.gate_up_proj, quantized)  # type: ignore[union-attr]
+    assert teacher_forced_agreement(hf, llm, prompts(6)) >= 0.95
+
+
+def test_bnb_4bit_experts_and_misplaced_codes_are_refused() -> None:
+    """Per-expert bitsandbytes 4-bit weights (transformers < 5 wrote them) get a clear error, and integer codes
+    never load into a float layer as numbers."""
+    from qserve.errors import QServeError
+    from qserve.kernels.packing import QuantSpec
+    from qserve.layers.linear import Linear
+    from qserve.layers.moe import FusedMoE
+
+    spec = QuantSpec.from_config(
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    )
+    layer = FusedMoE(2, 64, 32, spec, torch.float32, torch.device("cpu"))
+    packed = {"0.w1.weight": torch.zeros(1024, 1, dtype=torch.uint8), "0.w1.weight.absmax": torch.ones(32)}
+    with pytest.raises(QServeError, match="bitsandbytes nf4 expert weights .* not supported"):
+        layer.load_named(packed)
+    lin = Linear(64, 8, False, torch.float32, torch.device("cpu"))
+    with pytest.raises(QServeError, match="float layer got torch.int8 weights with \\['SCB'\\]"):
+        lin.load([{"weight": torch.zeros(8, 64, dtype=torch.int8), "SCB": torch.ones(8)}])
+    with pytest.raises(QServeError, match="float layer got torch.uint8"):
+        lin.load([{"weight": torch.zeros(8, 64, dtype=torch.uint8)}])
+
+
+def test_cli_convert_nf4_then_generate_print_no_bitsandbytes_noise(
+    tiny_model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The CLI end to end in fresh processes: stderr stays empty (bitsandbytes' import-time warning about an
+    optional Hub kernel is silenced on CPUs that have AVX512-bf16), and bad input is one `error:` line."""
+    import subprocess
+    import sys
+
+    def qserve(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "qserve.cli", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    out = tmp_path / "nf4"
+    r = qserve("convert", str(tiny_model_factory("llama")), str(out), "--weights", "nf4", "--no-progress")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith(f"wrote {out} (nf4, bitsandbytes): 14 linear layers")
+    r = qserve("generate", str(out), "hi", "--max-tokens", "4")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("hi"), r.stderr
+    r = qserve("convert", str(out), str(tmp_path / "again"), "--no-progress")
+    assert r.returncode == 2 and r.stderr.startswith("error: SRC is a bitsandbytes nf4 checkpoint")
+    assert len(r.stderr.strip().splitlines()) == 1
+    # LLM.int8: bitsandbytes would log "inputs will be cast ... to float16" on every matmul
+    quantize_with_transformers(tiny_model_factory("llama"), tmp_path / "int8", **CONFIGS["int8"])
+    r = qserve("generate", str(tmp_path / "int8"), "hi", "--max-tokens", "4")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("hi"), r.stderr[-2000:]
+
+
+def test_bnb_int8_layer_errors_and_parts() -> None:
+    """Bnb8bitLinear: q/k/v parts with biases and a float part (a skipped module) concatenate in order;
+    layouts that are not LLM.int8 are refused with a clear error."""
+    import bitsandbytes.functional as bf
+
+    from qserve.errors import QServeError
+    from qserve.kernels.packing import QuantSpec
+    from qserve.layers.bnb_linear import Bnb8bitLinear
+
+    spec = QuantSpec.from_config({"quant_method": "bitsandbytes", "load_in_8bit": True})
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(n, 64, generator=g) * 0.1 for n in (32, 16, 16)]
+    biases = [torch.randn(w.shape[0], generator=g) for w in ws]
+    shards: list[dict[str, torch.Tensor]] = []
+    for j, (w, b) in enumerate(zip(ws, biases, strict=True)):
+        if j == 2:  # left float by the checkpoint
+            shards.append({"weight": w, "bias": b})
+            continue
+        cb, scb, _ = bf.int8_vectorwise_quant(w.half())
+        shards.append({"weight": cb, "SCB": scb, "bias": b})
+    layer = Bnb8bitLinear(64, 64, True, spec, torch.float32, "cpu")
+    layer.load(shards)
+    x = torch.randn(2, 3, 64, generator=g) * 0.5  # below the outlier threshold: plain int8 x int8
+    ref = torch.cat([x @ w.t() + b for w, b in zip(ws, biases, strict=True)], dim=-1)
+    y = layer(x)
+    assert y.shape == (2, 3, 64) and y.dtype == torch.float32
+    torch.testing.assert_close(y[..., 48:], ref[..., 48:], atol=1e-5, rtol=1e-5)  # the float part: exact
+    torch.testing.assert_close(y, ref, atol=0.05 * float(ref.abs().max()), rtol=0)
+    assert layer.nbytes == 32 * 64 + 16 * 64 + 4 * (32 + 16 + 32 + 16) + 4 * (16 * 64 + 16)
+    with pytest.raises(QServeError, match="not a bitsandbytes LLM.int8 layout"):
+        Bnb8bitLinear(64, 32, False, spec, torch.float32, "cpu").load([{"weight": shards[0]["weight"]}])
+    with pytest.raises(QServeError, match="have 32 outputs, layer expects 48"):
+        Bnb8bitLinear(64, 48, False, spec, torch.float32, "cpu").load(
+            [{"weight": shards[0]["weight"], "SCB": shards[0]["SCB"]}]
+        )
+    with pytest.raises(QServeError, match="expects a \\(N, 64\\) weight"):
+        Bnb8bitLinear(64, 32, False, spec, torch.float32, "cpu").load([{"weight": torch.zeros(32, 8)}])
+    with pytest.raises(RuntimeError, match="before load"):
+        Bnb8bitLinear(64, 32, False, spec, torch.float32, "cpu")(x)

@@ -44,7 +44,7 @@ def test_sparse_layers_follow_the_config(tiny_model_factory: Callable[..., Path]
         assert {m.kind for m in llm.engine.model.modules() if isinstance(m, FusedMoE)} == {"float"}
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_moe_preemption_and_chunking_keep_outputs(arch: str, tiny_model_factory: Callable[..., Path]) -> None:
     path = tiny_model_factory(arch)
     batch = prompts(8)
