@@ -40,52 +40,14 @@ at::Tensor pack_bf16(const at::Tensor& w) {
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                        int64_t out_features) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
-              "linear_bf16: x and the packed weight must be bf16");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.size(3) == 2 && packed.is_contiguous(),
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 && packed.size(2) == kPanel &&
+                  packed.size(3) == 2 && packed.is_contiguous(),
               "linear_bf16: weight is not in the packed layout (pack_bf16)");
-  const int64_t K = packed.size(1) * 2, panels = packed.size(0);
-  TORCH_CHECK(x.size(-1) == K, "linear_bf16: x has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(out_features > (panels - 1) * kPanel && out_features <= panels * kPanel,
-              "linear_bf16: out_features ", out_features, " does not match ", panels, " panels");
-  const bf16* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == out_features && bias->is_contiguous(),
-                "linear_bf16: bias must be a contiguous bf16 vector of out_features");
-    b = reinterpret_cast<const bf16*>(bias->data_ptr());
-  }
-  at::Tensor xc = x.reshape({-1, K}).contiguous();
-  const int64_t M = xc.size(0), N = out_features;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y = at::empty(out_shape, x.options());
-  if (M == 0) return y;
-  const bf16* xp = reinterpret_cast<const bf16*>(xc.data_ptr());
+  const PanelCall c = panel_call(x, packed.size(1) * 2, packed.size(0), bias, out_features, "linear_bf16");
+  if (c.M == 0) return c.y;
   const bf16* pp = reinterpret_cast<const bf16*>(packed.data_ptr());
-  bf16* yp = reinterpret_cast<bf16*>(y.data_ptr());
-
-  // Tasks: (64-column group, chunk of up to 64 rows); a task's panels stay in L1/L2 across its rows.
-  const int64_t groups = (panels + NB - 1) / NB;
-  const int64_t row_chunk = 64, chunks = (M + row_chunk - 1) / row_chunk;
-  const int64_t tasks = groups * chunks;
-  // Below ~64K multiply-adds a task the fork/join costs more than a second thread saves.
-  const int64_t per_task = std::min(M, row_chunk) * NB * kPanel * K;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(per_task, 1));
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t % groups, c = t / groups;
-      const int64_t p0 = g * NB, nb = std::min<int64_t>(NB, panels - p0);
-      const int64_t col0 = p0 * kPanel, cols = std::min<int64_t>(nb * kPanel, N - col0);
-      const __mmask16 tail = (__mmask16)((1u << (cols - (nb - 1) * kPanel)) - 1u);
-      const int64_t r_end = std::min(M, (c + 1) * row_chunk);
-      for (int64_t r = c * row_chunk; r < r_end; r += MB) {
-        const int mb = (int)std::min<int64_t>(MB, r_end - r);
-        pick(mb, (int)nb)(xp + r * K, K, pp + p0 * K * kPanel, K, b ? b + col0 : nullptr, yp + r * N + col0, N,
-                          tail);
-      }
-    }
-  });
-  return y;
+  for_each_tile(c, [&](const Tile& t, std::vector<bf16>&) { bf16_tile(c, t, pp + t.p0 * c.K * kPanel); });
+  return c.y;
 }
 
 }  // namespace

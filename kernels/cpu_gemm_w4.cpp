@@ -39,8 +39,6 @@ namespace {
 
 using namespace qserve_cpu_panels;
 
-constexpr int64_t kSmallM = 8;  // rows up to which the codes are used directly (a token bucket)
-
 // One group's 16 scales s and corrections -s (z + 128) of a panel (the kernel reads codes as 128 + q).
 struct GroupScale {
   __m512 scale, corr;
@@ -104,21 +102,16 @@ void block_codes(const bf16* x, int64_t ldx, const uint8_t* c, const float* sp, 
 using CodesFn = void (*)(const bf16*, int64_t, const uint8_t*, const float*, const uint8_t*, const float*,
                          int64_t, int64_t, const bf16*, bf16*, int64_t, __mmask16);
 
-template <int mb>
-constexpr CodesFn pick_codes_nb(int nb) {
-  return nb == 4 ? block_codes<mb, 4> : nb == 3 ? block_codes<mb, 3> : nb == 2 ? block_codes<mb, 2>
-                                                                               : block_codes<mb, 1>;
-}
-
-
-// Register blocks on codes (2 mb nb partial sums + mb nb totals + 2 nb code registers <= 28 of 32): one row x
-// up to 4 panels, or 2-4 rows x up to 2 panels, so the nibble unpacking is shared by up to 4 rows.
+// Register blocks on codes (2 mb nb partial sums + mb nb totals + 2 nb code registers <= 28 of 32): the shapes
+// `for_each_code_block` asks for, so the nibble unpacking is shared by up to 4 rows.
 CodesFn pick_codes(int mb, int nb) {
   switch (mb) {
     case 4: return nb == 2 ? block_codes<4, 2> : block_codes<4, 1>;
     case 3: return nb == 2 ? block_codes<3, 2> : block_codes<3, 1>;
     case 2: return nb == 2 ? block_codes<2, 2> : block_codes<2, 1>;
-    default: return pick_codes_nb<1>(nb);
+    default:
+      return nb == 4 ? block_codes<1, 4> : nb == 3 ? block_codes<1, 3> : nb == 2 ? block_codes<1, 2>
+                                                                               : block_codes<1, 1>;
   }
 }
 
@@ -169,74 +162,29 @@ void check_layout(const at::Tensor& codes, const at::Tensor& scales, const at::T
 
 at::Tensor linear_w4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros,
                      const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t group_size) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_w4: x must be bf16");
-  const int64_t K = codes.size(1) * 4, panels = codes.size(0), G = group_size;
+  const int64_t K = codes.size(1) * 4, G = group_size, groups = K / std::max<int64_t>(G, 1);
   check_layout(codes, scales, zeros, K, G, "linear_w4");
-  TORCH_CHECK(x.size(-1) == K, "linear_w4: x has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(out_features > (panels - 1) * kPanel && out_features <= panels * kPanel,
-              "linear_w4: out_features ", out_features, " does not match ", panels, " panels");
-  const bf16* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == out_features && bias->is_contiguous(),
-                "linear_w4: bias must be a contiguous bf16 vector of out_features");
-    b = reinterpret_cast<const bf16*>(bias->data_ptr());
-  }
-  at::Tensor xc = x.reshape({-1, K}).contiguous();
-  const int64_t M = xc.size(0), N = out_features, groups = K / G;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y = at::empty(out_shape, x.options());
-  if (M == 0) return y;
-  const bf16* xp = reinterpret_cast<const bf16*>(xc.data_ptr());
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const uint8_t* zp = zeros.data_ptr<uint8_t>();
-  bf16* yp = reinterpret_cast<bf16*>(y.data_ptr());
-  const bool small = M <= kSmallM;
-
+  const PanelCall c = panel_call(x, K, codes.size(0), bias, out_features, "linear_w4");
+  if (c.M == 0) return c.y;
+  const bool small = c.M <= kSmallM;
   std::vector<float> asum;  // (M, K/G): fp32 sums of the bf16 x over each group, for the code path
-  if (small) asum = group_sums(xp, M, K, G);
-  // Tasks as in linear_bf16: (64-column group, chunk of up to 64 rows).
-  const int64_t col_groups = (panels + NB - 1) / NB;
-  const int64_t row_chunk = 64, chunks = (M + row_chunk - 1) / row_chunk;
-  const int64_t tasks = col_groups * chunks;
-  const int64_t per_task = std::min(M, row_chunk) * NB * kPanel * K;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(per_task, 1));
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<bf16> scratch;  // the large-M path's dequantized panels
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t cg = t % col_groups, ch = t / col_groups;
-      const int64_t p0 = cg * NB, nb = std::min<int64_t>(NB, panels - p0);
-      const int64_t col0 = p0 * kPanel, cols = std::min<int64_t>(nb * kPanel, N - col0);
-      const __mmask16 tail = (__mmask16)((1u << (cols - (nb - 1) * kPanel)) - 1u);
-      const int64_t r_end = std::min(M, (ch + 1) * row_chunk);
-      const uint8_t* c = cp + p0 * K * 8;
-      const float* s = sp + p0 * groups * kPanel;
-      const uint8_t* z = zp + p0 * groups * kPanel;
-      const bf16* bb = b ? b + col0 : nullptr;
-      if (small) {
-        const int rows = r_end - ch * row_chunk == 1 ? 1 : 4, sub = rows == 1 ? 4 : 2;  // block shape
-        for (int64_t r = ch * row_chunk; r < r_end; r += rows) {
-          const int mb = (int)std::min<int64_t>(rows, r_end - r);
-          for (int64_t q = 0; q < nb; q += sub) {
-            const int nq = (int)std::min<int64_t>(sub, nb - q);
-            const __mmask16 t = q + nq == nb ? tail : (__mmask16)0xFFFF;
-            const int64_t sq = q * groups * kPanel;
-            pick_codes(mb, nq)(xp + r * K, K, c + q * K * 8, s + sq, z + sq, asum.data() + r * groups, K, G,
-                               bb ? bb + q * kPanel : nullptr, yp + r * N + col0 + q * kPanel, N, t);
-          }
-        }
-      } else {
-        scratch.resize(nb * K * kPanel);
-        dequant_panels(c, s, z, K, G, (int)nb, scratch.data());
-        for (int64_t r = ch * row_chunk; r < r_end; r += MB) {
-          const int mb = (int)std::min<int64_t>(MB, r_end - r);
-          pick(mb, (int)nb)(xp + r * K, K, scratch.data(), K, bb, yp + r * N + col0, N, tail);
-        }
-      }
+  if (small) asum = group_sums(c.x, c.M, K, G);
+  for_each_tile(c, [&](const Tile& t, std::vector<bf16>& scratch) {
+    const uint8_t* cp = codes.data_ptr<uint8_t>() + t.p0 * K * 8;  // bytes of panel p0 on
+    const float* sp = scales.data_ptr<float>() + t.p0 * groups * kPanel;
+    const uint8_t* zp = zeros.data_ptr<uint8_t>() + t.p0 * groups * kPanel;
+    if (!small) {
+      scratch.resize(t.nb * K * kPanel);
+      dequant_panels(cp, sp, zp, K, G, (int)t.nb, scratch.data());
+      return bf16_tile(c, t, scratch.data());
     }
+    for_each_code_block(t, [&](int64_t r, int mb, int64_t q, int nq, __mmask16 tail) {
+      const int64_t sq = q * groups * kPanel, col = t.col0 + q * kPanel;
+      pick_codes(mb, nq)(c.x + r * K, K, cp + q * K * 8, sp + sq, zp + sq, asum.data() + r * groups, K, G,
+                         c.bias ? c.bias + col : nullptr, c.out + r * c.N + col, c.N, tail);
+    });
   });
-  return y;
+  return c.y;
 }
 
 // The large-M path's dequantized bf16 panels of the whole weight (for tests: what that path multiplies by).

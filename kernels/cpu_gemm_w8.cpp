@@ -29,8 +29,6 @@ namespace {
 
 using namespace qserve_cpu_panels;
 
-constexpr int64_t kSmallM = 8;  // rows up to which the codes are used directly (a token bucket)
-
 // y[0:mb, 0:nb*16] from the codes of nb panels; asum (mb,): each row's sum of x.
 template <int mb, int nb>
 void block_codes8(const bf16* x, int64_t ldx, const uint8_t* c, const float* sp, const float* asum, int64_t K,
@@ -72,8 +70,7 @@ void block_codes8(const bf16* x, int64_t ldx, const uint8_t* c, const float* sp,
 using Codes8Fn = void (*)(const bf16*, int64_t, const uint8_t*, const float*, const float*, int64_t, const bf16*,
                           bf16*, int64_t, __mmask16);
 
-// Register blocks (2 mb nb partial sums + 2 nb code registers <= 24): one row x up to 4 panels, 2-4 rows x
-// up to 2 panels.
+// Register blocks (2 mb nb partial sums + 2 nb code registers <= 24): the shapes `for_each_code_block` asks for.
 Codes8Fn pick_codes8(int mb, int nb) {
   switch (mb) {
     case 4: return nb == 2 ? block_codes8<4, 2> : block_codes8<4, 1>;
@@ -116,70 +113,28 @@ void check_layout8(const at::Tensor& codes, const at::Tensor& scales, const char
 
 at::Tensor linear_w8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& bias, int64_t out_features) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear_w8: x must be bf16");
   check_layout8(codes, scales, "linear_w8");
-  const int64_t K = codes.size(1) * 2, panels = codes.size(0);
-  TORCH_CHECK(x.size(-1) == K, "linear_w8: x has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(out_features > (panels - 1) * kPanel && out_features <= panels * kPanel,
-              "linear_w8: out_features ", out_features, " does not match ", panels, " panels");
-  const bf16* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == out_features && bias->is_contiguous(),
-                "linear_w8: bias must be a contiguous bf16 vector of out_features");
-    b = reinterpret_cast<const bf16*>(bias->data_ptr());
-  }
-  at::Tensor xc = x.reshape({-1, K}).contiguous();
-  const int64_t M = xc.size(0), N = out_features;
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y = at::empty(out_shape, x.options());
-  if (M == 0) return y;
-  const bf16* xp = reinterpret_cast<const bf16*>(xc.data_ptr());
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  bf16* yp = reinterpret_cast<bf16*>(y.data_ptr());
-  const bool small = M <= kSmallM;
+  const int64_t K = codes.size(1) * 2;
+  const PanelCall c = panel_call(x, K, codes.size(0), bias, out_features, "linear_w8");
+  if (c.M == 0) return c.y;
+  const bool small = c.M <= kSmallM;
   std::vector<float> asum;  // (M,): each row's fp32 sum of x, for the code path
-  if (small) asum = group_sums(xp, M, K, K);
-
-  const int64_t col_groups = (panels + NB - 1) / NB;
-  const int64_t row_chunk = 64, chunks = (M + row_chunk - 1) / row_chunk;
-  const int64_t tasks = col_groups * chunks;
-  const int64_t per_task = std::min(M, row_chunk) * NB * kPanel * K;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(per_task, 1));
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<bf16> scratch;  // the large-M path's dequantized panels
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t cg = t % col_groups, ch = t / col_groups;
-      const int64_t p0 = cg * NB, nb = std::min<int64_t>(NB, panels - p0);
-      const int64_t col0 = p0 * kPanel, cols = std::min<int64_t>(nb * kPanel, N - col0);
-      const __mmask16 tail = (__mmask16)((1u << (cols - (nb - 1) * kPanel)) - 1u);
-      const int64_t r_end = std::min(M, (ch + 1) * row_chunk);
-      const uint8_t* c = cp + p0 * K * kPanel;
-      const float* s = sp + p0 * kPanel;
-      const bf16* bb = b ? b + col0 : nullptr;
-      if (small) {
-        const int rows = r_end - ch * row_chunk == 1 ? 1 : 4, sub = rows == 1 ? 4 : 2;  // block shape
-        for (int64_t r = ch * row_chunk; r < r_end; r += rows) {
-          const int mb = (int)std::min<int64_t>(rows, r_end - r);
-          for (int64_t q = 0; q < nb; q += sub) {
-            const int nq = (int)std::min<int64_t>(sub, nb - q);
-            const __mmask16 tq = q + nq == nb ? tail : (__mmask16)0xFFFF;
-            pick_codes8(mb, nq)(xp + r * K, K, c + q * K * kPanel, s + q * kPanel, asum.data() + r, K,
-                                bb ? bb + q * kPanel : nullptr, yp + r * N + col0 + q * kPanel, N, tq);
-          }
-        }
-      } else {
-        scratch.resize(nb * K * kPanel);
-        dequant_panels8(c, s, K, (int)nb, scratch.data());
-        for (int64_t r = ch * row_chunk; r < r_end; r += MB) {
-          const int mb = (int)std::min<int64_t>(MB, r_end - r);
-          pick(mb, (int)nb)(xp + r * K, K, scratch.data(), K, bb, yp + r * N + col0, N, tail);
-        }
-      }
+  if (small) asum = group_sums(c.x, c.M, K, K);
+  for_each_tile(c, [&](const Tile& t, std::vector<bf16>& scratch) {
+    const uint8_t* cp = codes.data_ptr<uint8_t>() + t.p0 * K * kPanel;  // bytes of panel p0 on
+    const float* sp = scales.data_ptr<float>() + t.p0 * kPanel;
+    if (!small) {
+      scratch.resize(t.nb * K * kPanel);
+      dequant_panels8(cp, sp, K, (int)t.nb, scratch.data());
+      return bf16_tile(c, t, scratch.data());
     }
+    for_each_code_block(t, [&](int64_t r, int mb, int64_t q, int nq, __mmask16 tail) {
+      const int64_t col = t.col0 + q * kPanel;
+      pick_codes8(mb, nq)(c.x + r * K, K, cp + q * K * kPanel, sp + q * kPanel, asum.data() + r, K,
+                          c.bias ? c.bias + col : nullptr, c.out + r * c.N + col, c.N, tail);
+    });
   });
-  return y;
+  return c.y;
 }
 
 }  // namespace

@@ -1,8 +1,12 @@
-// Shared by qserve's native CPU kernels: the bf16 16-column panel layout ("VNNI-16", see cpu_gemm.cpp) and
-// its register-blocked micro-kernel, which the int4 kernel (cpu_gemm_w4.cpp) reuses on dequantized panels.
+// Shared by qserve's native CPU kernels: the bf16 16-column panel layout ("VNNI-16", see cpu_gemm.cpp), its
+// register-blocked micro-kernel (which the int4 / int8 kernels reuse on dequantized panels), the checks and
+// task split every panel linear has, and the helpers of the quantized code paths.
 #pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -63,9 +67,95 @@ inline BlockFn pick(int mb, int nb) {
   }
 }
 
-// ---- quantized panels (cpu_gemm_w4.cpp, cpu_gemm_w8.cpp): a byte b of codes becomes the bf16 numbers
-// 128 + (b & 0xF) and 128 + (b >> 4) by OR-ing each nibble into 0x4300, the bf16 of 128 (its 7 mantissa bits
-// hold any nibble exactly), so `vdpbf16ps` sums x * (128 + nibble) exactly in fp32 and the 128 is taken
+// One call of a panel linear: x flattened to (M, K), the output (..., N) allocated, the bias checked.
+struct PanelCall {
+  at::Tensor xc, y;
+  const bf16* x;
+  const bf16* bias;  // nullptr: none
+  bf16* out;
+  int64_t M, N, K, panels;
+};
+
+// Checks x (..., K) bf16, out_features against `panels` panels and the bias; `op` prefixes every message.
+inline PanelCall panel_call(const at::Tensor& x, int64_t K, int64_t panels, const c10::optional<at::Tensor>& bias,
+                            int64_t out_features, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, op, ": x must be bf16");
+  TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(out_features > (panels - 1) * kPanel && out_features <= panels * kPanel, op, ": out_features ",
+              out_features, " does not match ", panels, " panels");
+  const bf16* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == out_features && bias->is_contiguous(), op,
+                ": bias must be a contiguous bf16 vector of out_features");
+    b = reinterpret_cast<const bf16*>(bias->data_ptr());
+  }
+  at::Tensor xc = x.reshape({-1, K}).contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  at::Tensor y = at::empty(out_shape, x.options());
+  return {xc, y, reinterpret_cast<const bf16*>(xc.data_ptr()), b, reinterpret_cast<bf16*>(y.data_ptr()),
+          xc.size(0), out_features, K, panels};
+}
+
+// One task: panels [p0, p0 + nb) (columns from col0, the last panel masked to `tail`) x rows [r0, r1).
+struct Tile {
+  int64_t p0, nb, col0, r0, r1;
+  __mmask16 tail;
+};
+
+// fn(tile, scratch) for every (64-column group, chunk of up to 64 rows) of the call, in parallel: a task's
+// panels stay in L1/L2 across its rows. `scratch` is one buffer per thread chunk (the quantized kernels'
+// dequantized panels).
+template <typename F>
+inline void for_each_tile(const PanelCall& c, const F& fn) {
+  const int64_t groups = (c.panels + NB - 1) / NB;
+  const int64_t row_chunk = 64, chunks = (c.M + row_chunk - 1) / row_chunk;
+  // Below ~64K multiply-adds a task the fork/join costs more than a second thread saves.
+  const int64_t per_task = std::min(c.M, row_chunk) * NB * kPanel * c.K;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(per_task, 1));
+  at::parallel_for(0, groups * chunks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<bf16> scratch;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t g = t % groups, ch = t / groups;
+      const int64_t p0 = g * NB, nb = std::min<int64_t>(NB, c.panels - p0);
+      const int64_t col0 = p0 * kPanel, cols = std::min<int64_t>(nb * kPanel, c.N - col0);
+      const __mmask16 tail = (__mmask16)((1u << (cols - (nb - 1) * kPanel)) - 1u);
+      fn(Tile{p0, nb, col0, ch * row_chunk, std::min(c.M, (ch + 1) * row_chunk), tail}, scratch);
+    }
+  });
+}
+
+// The bf16 micro-kernel over a tile whose nb panels lie at `panels` (the packed weight or a dequantized copy).
+inline void bf16_tile(const PanelCall& c, const Tile& t, const bf16* panels) {
+  for (int64_t r = t.r0; r < t.r1; r += MB) {
+    const int mb = (int)std::min<int64_t>(MB, t.r1 - r);
+    pick(mb, (int)t.nb)(c.x + r * c.K, c.K, panels, c.K, c.bias ? c.bias + t.col0 : nullptr,
+                        c.out + r * c.N + t.col0, c.N, t.tail);
+  }
+}
+
+// fn(r, mb, q, nq, tail) over a tile's register blocks for the quantized code paths: one row x up to 4 panels,
+// or 2-4 rows x up to 2 panels (their accumulators fill the 32 registers), `tail` for the block holding the
+// tile's last panel. Every block shape sums a row in the same order.
+template <typename F>
+inline void for_each_code_block(const Tile& t, const F& fn) {
+  const int rows = t.r1 - t.r0 == 1 ? 1 : 4, sub = rows == 1 ? 4 : 2;
+  for (int64_t r = t.r0; r < t.r1; r += rows) {
+    const int mb = (int)std::min<int64_t>(rows, t.r1 - r);
+    for (int64_t q = 0; q < t.nb; q += sub) {
+      const int nq = (int)std::min<int64_t>(sub, t.nb - q);
+      fn(r, mb, q, nq, q + nq == t.nb ? t.tail : (__mmask16)0xFFFF);
+    }
+  }
+}
+
+// ---- quantized panels (cpu_gemm_w4.cpp, cpu_gemm_w8.cpp): up to kSmallM rows a call they multiply the codes,
+// above they dequantize each tile into bf16 panels for the micro-kernel. kSmallM is a token bucket of the
+// compiled step (1, 2, 4, 8, 16, ...), so eager and compiled steps of one batch take the same path.
+constexpr int64_t kSmallM = 8;
+
+// On the code path a byte b of codes becomes the bf16 numbers 128 + (b & 0xF) and 128 + (b >> 4) by OR-ing each
+// nibble into 0x4300, the bf16 of 128 (its 7 mantissa bits hold any nibble exactly), so `vdpbf16ps` sums x * (128 + nibble) exactly in fp32 and the 128 is taken
 // back out with the row's sum of x.
 
 inline __m512i widen(const uint8_t* c) {  // 32 bytes -> 32 16-bit lanes

@@ -33,14 +33,12 @@ _CPU_INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 ==
 _INNER_K_TILES = 2
 
 
-def native_int4_ok(in_features: int, group_size: int) -> bool:
-    """Whether qserve's native int4 kernel takes this shape (and runs on this machine)."""
-    return (
-        in_features % 4 == 0
-        and group_size % 4 == 0
-        and in_features % group_size == 0
-        and cpu_native.available()
-    )
+def native_ok(qw: QuantizedWeight) -> bool:
+    """Whether qserve's native CPU kernel for this weight's kind takes its shape (and runs on this machine):
+    int8 needs an even K; int4 a K and group size that are multiples of 4, K of G."""
+    k, g = qw.in_features, qw.group_size
+    shape_ok = k % 2 == 0 if qw.weights == "int8" else k % 4 == 0 and g % 4 == 0 and k % g == 0
+    return shape_ok and cpu_native.available()
 
 
 def cpu_int4_ok(group_size: int) -> bool:
@@ -79,8 +77,8 @@ class QuantLinear(nn.Module):
         device: where the weights live.
 
     Invariants: after :meth:`load`, ``backend`` is "cpu-native-int4", "cpu-native-int8", "cpu-int4", "cpu-int8",
-    "triton" or "reference", and only the
-    tensors that backend reads are kept (the CPU kernels' packed forms are not decodable back).
+    "triton" or "reference", and only the tensors that backend reads are kept (the CPU kernels' packed forms
+    are not decodable back).
     """
 
     def __init__(
@@ -146,12 +144,8 @@ class QuantLinear(nn.Module):
     def set_weight(self, qw: QuantizedWeight) -> None:
         """Install a QuantizedWeight, re-packing it for the backend this device and shape allow."""
         self.qweight = self.scales = self.qzeros = self.scales_and_zeros = self._qw = None
-        if (
-            self.device.type == "cpu"
-            and qw.weights == "int8"
-            and qw.in_features % 2 == 0
-            and cpu_native.available()
-        ):
+        native = self.device.type == "cpu" and native_ok(qw)
+        if native and qw.weights == "int8":
             self.backend = "cpu-native-int8"
             self.qweight, self.scales = cpu_native.pack_w8(qw.qweight, qw.scales)  # (P, K/2, 16, 2), (P, 16)
         elif self.device.type == "cpu" and qw.weights == "int8":
@@ -160,7 +154,7 @@ class QuantLinear(nn.Module):
             # offset, and torch's CPU kernels crash on unaligned weights.
             self.qweight = qw.qweight.clone(memory_format=torch.contiguous_format)  # int8 (N, K)
             self.scales = qw.scales.to(_CPU_DTYPE).clone()  # (N,)
-        elif self.device.type == "cpu" and native_int4_ok(qw.in_features, qw.group_size):
+        elif native:  # int4
             self.backend = "cpu-native-int4"
             assert qw.zeros is not None
             # codes (P, K/4, 16, 2) uint8, scales (P, K/G, 16) fp32, zeros (P, K/G, 16) uint8

@@ -36,7 +36,7 @@ def int4_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     if request.param == "cpu-native-int4" and not cpu_native.available():
         pytest.skip("qserve's native CPU kernels do not run here")
     if request.param == "cpu-int4":
-        monkeypatch.setattr(quant_linear, "native_int4_ok", lambda k, g: False)
+        monkeypatch.setattr(quant_linear, "native_ok", lambda qw: False)
     return str(request.param)
 
 
@@ -66,7 +66,7 @@ def int8_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     if request.param == "cpu-native-int8" and not cpu_native.available():
         pytest.skip("qserve's native CPU kernels do not run here")
     if request.param == "cpu-int8":
-        monkeypatch.setattr(quant_linear.cpu_native, "available", lambda: False)
+        monkeypatch.setattr(quant_linear, "native_ok", lambda qw: False)
     return str(request.param)
 
 
@@ -93,7 +93,7 @@ def test_fused_shards_concatenate_along_output() -> None:
 
 
 def test_reference_backend_for_groups_the_cpu_kernel_rejects(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quant_linear, "native_int4_ok", lambda k, g: False)
+    monkeypatch.setattr(quant_linear, "native_ok", lambda qw: False)
     qw = quantize(torch.randn(32, 64), "int4", 16)
     layer = QuantLinear(64, 32, False, _spec({**INT4, "group_size": 16}), torch.float32, "cpu")
     layer.load([qw.tensors()])
