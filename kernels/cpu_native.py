@@ -1,5 +1,6 @@
-"""qserve's native CPU kernels (``cpu_gemm.cpp``, ``cpu_gemm_w4.cpp``, ``cpu_gemm_w8.cpp``): built once per machine with the C++ compiler inductor
-already needs, loaded as the torch ops ``torch.ops.qserve_cpu.*``.
+"""qserve's native CPU kernels (``cpu_gemm.cpp``, ``cpu_gemm_w4.cpp``, ``cpu_gemm_w8.cpp``, ``cpu_attention.cpp``):
+built once per machine with the C++ compiler inductor already needs, loaded as the torch ops
+``torch.ops.qserve_cpu.*``.
 
 * ``qserve_cpu::pack_bf16(w)``: a (N, K) bf16 weight -> the kernel's 16-column panels, (ceil(N/16), K/2, 16, 2).
 * ``qserve_cpu::linear_bf16(x, packed, bias, out_features)``: x (..., K) @ W^T + b, bf16 in and out, fp32
@@ -9,6 +10,9 @@ already needs, loaded as the torch ops ``torch.ops.qserve_cpu.*``.
   packed by `pack_w4` (dot products on the codes up to 8 rows, a dequantized bf16 tile per 64 columns above).
 * ``qserve_cpu::linear_w8(x, codes, scales, bias, out_features)``: the same for int8 weights with one scale
   per output column, packed by `pack_w8`.
+* ``qserve_cpu::decode_attention(q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, ...)``: the compiled
+  decode step's attention (store the new K/V, then attend, one query per sequence) for float and int8/int4
+  caches; `decode_attention` below. ``QSERVE_NATIVE_ATTENTION=0`` keeps inductor's fusion of the torch ops.
 
 `available()` is False (and the callers keep oneDNN) when the CPU lacks AVX512-BF16, no compiler is found,
 the build fails, or ``QSERVE_NATIVE=0``. The build (~10 s) goes to ``~/.cache/qserve/native/<hash>/``, keyed by
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("qserve")
 # Every native source is compiled into one library (one build, one load); the ops register themselves.
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("cpu_gemm.cpp", "cpu_gemm_w4.cpp", "cpu_gemm_w8.cpp")
+    Path(__file__).with_name(name) for name in ("cpu_gemm.cpp", "cpu_gemm_w4.cpp", "cpu_gemm_w8.cpp", "cpu_attention.cpp")
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_panels.h",))
 CACHE_DIR = Path(os.environ.get("QSERVE_NATIVE_CACHE", Path.home() / ".cache" / "qserve" / "native"))
@@ -143,6 +147,23 @@ def _register_fakes() -> None:
     def _(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
         return codes.new_empty(codes.shape[0], codes.shape[1] * 2, 16, 2, dtype=torch.bfloat16)
 
+    @torch.library.register_fake("qserve_cpu::decode_attention")
+    def _(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+        block_size: int,
+        head_dim: int,
+        bits: int,
+        sliding_window: int,
+    ) -> torch.Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("qserve_cpu::pack_bf16")
     def _(w: torch.Tensor) -> torch.Tensor:
         panels = (w.shape[0] + 15) // 16
@@ -221,3 +242,28 @@ def linear_w8(
 ) -> torch.Tensor:
     """x (..., K) bf16 @ (s * Q)^T (+ bias) -> (..., out_features) bf16; ``w8`` = `pack_w8`'s tensors."""
     return torch.ops.qserve_cpu.linear_w8(x, *w8, bias, out_features)
+
+
+def attention_available() -> bool:
+    """Whether the compiled decode step attends through `decode_attention` (``QSERVE_NATIVE_ATTENTION=0``: no)."""
+    return os.environ.get("QSERVE_NATIVE_ATTENTION", "1") != "0" and available()
+
+
+def decode_attention(
+    q: torch.Tensor,  # (B, Hq, D), RoPE applied
+    k: torch.Tensor,  # (B, Hkv, D): this step's keys, one token per sequence
+    v: torch.Tensor,  # (B, Hkv, D)
+    kv_cache: torch.Tensor,  # one layer's cache (kernels.attention / kernels.kv_quant layout), written in place
+    slot_mapping: torch.Tensor,  # (B,) int64, -1 on padding rows
+    block_tables: torch.Tensor,  # (B, nblk) int32
+    seq_lens: torch.Tensor,  # (B,) int32, 0 for padding sequences
+    scale: float,
+    block_size: int,
+    head_dim: int,
+    bits: int,
+    sliding_window: int = 0,  # 0: none
+) -> torch.Tensor:
+    """`store_kv_graph` then `decode_attention_graph` in one native call: (B, Hq, D) in q's dtype."""
+    return torch.ops.qserve_cpu.decode_attention(
+        q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, scale, block_size, head_dim, bits, sliding_window
+    )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qserve.kernels import cpu_native
 from qserve.kernels.attention import KVLayout
 from qserve.kernels.attention_graph import decode_attention_graph, store_kv_graph
 from qserve.kernels.cpu_ops import paged_attention_cpu_op
@@ -42,6 +43,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
+        # decided once, outside any traced code (the check builds and loads the native library)
+        self.native_decode = cpu_native.attention_available()
 
     def forward(
         self,
@@ -70,6 +73,22 @@ class Attention(nn.Module):
                     max_seq_len=meta.max_decode_seq_len,
                 )
         if meta.decode_graph:
+            if self.native_decode:
+                # one native call per layer: store, then attend from the codes (kernels/cpu_attention.cpp)
+                return cpu_native.decode_attention(
+                    q,
+                    k,
+                    v,
+                    kv_cache,
+                    meta.slot_mapping,
+                    meta.block_tables,
+                    meta.seq_lens,
+                    self.scale,
+                    layout.block_size,
+                    layout.head_dim,
+                    layout.bits,
+                    self.sliding_window or 0,
+                )
             store_kv_graph(k, v, kv_cache, meta.slot_mapping, layout)
             return decode_attention_graph(
                 q, kv_cache, meta.block_tables, meta.seq_lens, self.scale, layout, self.sliding_window or 0
