@@ -165,10 +165,13 @@ def main() -> None:
                 env["PYTHONPATH"] = str(ROOT)
             env.pop("QSERVE_ENFORCE_EAGER", None)
             env.pop("QSERVE_ASYNC_SCHEDULING", None)
-            cmd = [py, __file__, "--child", eng, "--model", args.model, "--requests", str(args.requests),
+            cmd = [py, str(Path(__file__).resolve()), "--child", eng, "--model", args.model, "--requests", str(args.requests),
                    "--prompt-len", args.prompt_len, "--output-len", str(args.output_len),
                    "--single-requests", str(args.single_requests)]  # fmt: skip
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            # the peer runs outside the repo root: from there, its model-inspection subprocess would import the
+            # repo's kernels/ folder in place of the Hugging Face `kernels` package transformers asks for
+            cwd = "/tmp" if eng == "vllm" else None
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
             line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 print(f"{eng}: failed\n{p.stderr[-3000:]}")

@@ -116,70 +116,147 @@ struct Shapes {
   float scale;
 };
 
-// One (sequence, KV head) task: out[b, h*G : (h+1)*G] = softmax(q K^T * scale) V over keys [start, n).
-template <int kind>
-void attend(const Cache& cache, const Shapes& sh, const float* q, const int32_t* table, int64_t n, int64_t h,
-            float* out, std::vector<float>& scores) {
-  const int64_t G = sh.G, D = sh.D, C = sh.chunks;
-  const int64_t start = sh.window > 0 ? std::max<int64_t>(0, n - sh.window) : 0, L = n - start;
-  const __mmask16 tail = static_cast<__mmask16>(D % kLanes ? (1u << (D % kLanes)) - 1 : 0xFFFF);
-  auto lane_mask = [&](int64_t c) { return c == C - 1 ? tail : static_cast<__mmask16>(0xFFFF); };
-  scores.resize(static_cast<size_t>(G * L));
-  std::vector<__m512> acc(static_cast<size_t>(G));
-  // token t's row in the cache and, for quantized caches, its scale and zero as 16 lanes each
-  auto locate = [&](int64_t kv, int64_t t, __m512& s, __m512& z) -> const uint8_t* {
-    const uint8_t* r = cache.row(kv, h, table[t / cache.bs]);
-    const int64_t off = t % cache.bs;
-    if constexpr (kind == 8 || kind == 4) {
-      s = _mm512_set1_ps(cache.scale(r, off));
-      z = _mm512_set1_ps(cache.zero(r, off));
-    }
-    return r + off * cache.tok_bytes;
-  };
-  __m512 s = _mm512_setzero_ps(), z = _mm512_setzero_ps();
-  // scores: q (already scaled) . k for every key, all G heads of the group per key row read
-  for (int64_t t = 0; t < L; ++t) {
-    const uint8_t* row = locate(0, start + t, s, z);
-    for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < C; ++c) {
-      const __m512 kv = load_lanes<kind>(row, c, lane_mask(c), s, z);
-      for (int64_t g = 0; g < G; ++g)
-        acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (g * C + c) * kLanes), kv, acc[g]);
-    }
-    for (int64_t g = 0; g < G; ++g) scores[g * L + t] = _mm512_reduce_add_ps(acc[g]);
+// lane i of the result = the sum of a[i]'s 16 lanes: a transpose-and-add tree, 45 shuffles and adds for 16
+// sums where one `_mm512_reduce_add_ps` each costs ~8 dependent ones.
+inline __m512 hsum16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit quarter: lanes 0, 2 partial sums of a[2i], lanes 1, 3 of a[2i+1]
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // lane 4q + j: quarter q's sum of a[4i + j]
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
   }
-  // softmax numerators in place, and their sums
-  std::vector<float> inv(static_cast<size_t>(G));
-  for (int64_t g = 0; g < G; ++g) {
-    float* sc = scores.data() + g * L;
+  const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, 0x88), _mm512_shuffle_f32x4(e01, e23, 0xDD));
+}
+
+inline __mmask16 prefix_mask(int64_t n) {  // the first min(n, 16) lanes
+  return static_cast<__mmask16>(n >= kLanes ? 0xFFFF : (1u << n) - 1);
+}
+
+// fn(i, token_row, scale, zero) for the keys [start, n) of K (kv 0) or V (kv 1), walking the block table
+// block by block (no division per token)
+template <int kind, typename F>
+inline void for_each_token(const Cache& cache, int64_t kv, int64_t h, const int32_t* table, int64_t start,
+                           int64_t n, const F& fn) {
+  int64_t blk = start / cache.bs, off = start % cache.bs, i = 0;
+  for (int64_t t = start; t < n; ++blk, off = 0) {
+    const uint8_t* r = cache.row(kv, h, table[blk]);
+    const uint8_t* tok = r + off * cache.tok_bytes;
+    const uint16_t* sz = reinterpret_cast<const uint16_t*>(r + cache.bs * cache.tok_bytes);  // scales, zeros
+    const int64_t stop = std::min(cache.bs, off + (n - t));
+    for (; off < stop; ++off, ++t, ++i, tok += cache.tok_bytes) {
+      if constexpr (kind == 8 || kind == 4)
+        fn(i, tok, _cvtsh_ss(sz[off]), _cvtsh_ss(sz[cache.bs + off]));
+      else
+        fn(i, tok, 0.0f, 0.0f);
+    }
+  }
+}
+
+// One (sequence, KV head) task for G query heads of C 16-lane chunks (G, C known at compile time so the
+// accumulators live in registers; C 0: runtime C, accumulators in memory): out = softmax(q K^T) V over keys
+// [start, n), q pre-scaled.
+template <int kind, int G, int CT>
+void attend(const Cache& cache, int64_t C_rt, const float* q, const int32_t* table, int64_t start, int64_t n,
+            int64_t h, float* out, std::vector<float>& scores_buf, std::vector<__m512>& scratch) {
+  const int64_t C = CT ? CT : C_rt, D = cache.D, L = n - start;
+  const __mmask16 tail = prefix_mask(D - (C - 1) * kLanes);
+  auto lane_mask = [&](int64_t c) { return c == C - 1 ? tail : static_cast<__mmask16>(0xFFFF); };
+  scores_buf.resize(static_cast<size_t>(G * (L + kLanes)));
+  float* scores = scores_buf.data();
+  // scores: q . k for every key; each key row is read once for the G heads, the 16-lane products of 16 keys
+  // are summed together (hsum16)
+  __m512 prod[G][kLanes];
+  auto flush = [&](int64_t i0, int64_t count) {
+    for (int g = 0; g < G; ++g) {
+      for (int64_t j = count; j < kLanes; ++j) prod[g][j] = _mm512_setzero_ps();
+      _mm512_storeu_ps(scores + g * (L + kLanes) + i0, hsum16(prod[g]));
+    }
+  };
+  for_each_token<kind>(cache, 0, h, table, start, n, [&](int64_t i, const uint8_t* row, float sv, float zv) {
+    const __m512 s = _mm512_set1_ps(sv), z = _mm512_set1_ps(zv);
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) {
+      const __m512 k = load_lanes<kind>(row, c, lane_mask(c), s, z);
+      for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (g * C + c) * kLanes), k, acc[g]);
+    }
+    for (int g = 0; g < G; ++g) prod[g][i % kLanes] = acc[g];
+    if (i % kLanes == kLanes - 1) flush(i - (kLanes - 1), kLanes);
+  });
+  if (L % kLanes) flush(L - L % kLanes, L % kLanes);
+  // softmax numerators in place, and the reciprocals of their sums
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* sc = scores + g * (L + kLanes);
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int64_t t = 0; t < L; t += kLanes) {
-      const __mmask16 m = static_cast<__mmask16>(L - t >= kLanes ? 0xFFFF : (1u << (L - t)) - 1);
+      const __mmask16 m = prefix_mask(L - t);
       mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, sc + t));
     }
     const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t t = 0; t < L; t += kLanes) {
-      const __mmask16 m = static_cast<__mmask16>(L - t >= kLanes ? 0xFFFF : (1u << (L - t)) - 1);
+      const __mmask16 m = prefix_mask(L - t);
       const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + t), vmax));
       _mm512_mask_storeu_ps(sc + t, m, e);
       sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
     }
     inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
   }
-  // out = sum_t p_t v_t, every value row read once for the G heads
-  std::vector<__m512> o(static_cast<size_t>(G * C), _mm512_setzero_ps());
-  for (int64_t t = 0; t < L; ++t) {
-    const uint8_t* row = locate(1, start + t, s, z);
+  // out = sum_t p_t v_t; each value row read once for the G heads
+  scratch.assign(static_cast<size_t>(G * C), _mm512_setzero_ps());
+  __m512 reg[G * (CT ? CT : 1)];
+  __m512* o = CT ? reg : scratch.data();
+  for (int64_t j = 0; j < G * C; ++j) o[j] = _mm512_setzero_ps();
+  for_each_token<kind>(cache, 1, h, table, start, n, [&](int64_t i, const uint8_t* row, float sv, float zv) {
+    const __m512 s = _mm512_set1_ps(sv), z = _mm512_set1_ps(zv);
     for (int64_t c = 0; c < C; ++c) {
-      const __m512 kv = load_lanes<kind>(row, c, lane_mask(c), s, z);
-      for (int64_t g = 0; g < G; ++g)
-        o[g * C + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * L + t]), kv, o[g * C + c]);
+      const __m512 v = load_lanes<kind>(row, c, lane_mask(c), s, z);
+      for (int g = 0; g < G; ++g)
+        o[g * C + c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * (L + kLanes) + i]), v, o[g * C + c]);
     }
-  }
-  for (int64_t g = 0; g < G; ++g)
+  });
+  for (int g = 0; g < G; ++g)
     for (int64_t c = 0; c < C; ++c)
       _mm512_storeu_ps(out + (g * C + c) * kLanes, _mm512_mul_ps(o[g * C + c], _mm512_set1_ps(inv[g])));
+}
+
+using AttendFn = void (*)(const Cache&, int64_t, const float*, const int32_t*, int64_t, int64_t, int64_t, float*,
+                          std::vector<float>&, std::vector<__m512>&);
+
+template <int kind, int G>
+AttendFn pick_chunks(int64_t C) {
+  switch (C) {
+    case 1: return attend<kind, G, 1>;
+    case 2: return attend<kind, G, 2>;
+    case 4: return attend<kind, G, 4>;
+    case 8: return attend<kind, G, 8>;
+    default: return attend<kind, G, 0>;
+  }
+}
+
+template <int kind>
+AttendFn pick_heads(int G, int64_t C) {
+  switch (G) {
+    case 8: return pick_chunks<kind, 8>(C);
+    case 4: return pick_chunks<kind, 4>(C);
+    case 2: return pick_chunks<kind, 2>(C);
+    default: return pick_chunks<kind, 1>(C);
+  }
+}
+
+// The kernel for a sub-group of `G` (1, 2, 4 or 8) query heads of cache kind `kind`.
+AttendFn pick(int64_t kind, int G, int64_t C) {
+  switch (kind) {
+    case 0: return pick_heads<0>(G, C);
+    case 1: return pick_heads<1>(G, C);
+    case 2: return pick_heads<2>(G, C);
+    case 8: return pick_heads<8>(G, C);
+    default: return pick_heads<4>(G, C);
+  }
 }
 
 // Quantize one token's head row x (D) into a quantized cache row at token `off` (kv_quant.quantize).
@@ -288,27 +365,32 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const at::Tensor qc = q_in.contiguous();
   const void* qp = qc.data_ptr();
   void* op = out.data_ptr();
+  // a group of G query heads runs as sub-groups of 8, 4, 2, 1 heads (each a compiled-size kernel)
+  const int64_t kind = bits ? bits : cache.dtype == at::kFloat ? 0 : cache.dtype == at::kBFloat16 ? 1 : 2;
+  std::vector<std::pair<int64_t, AttendFn>> subgroups;  // (first head in the group, kernel)
+  for (int64_t g0 = 0; g0 < sh.G;) {
+    const int size = sh.G - g0 >= 8 ? 8 : sh.G - g0 >= 4 ? 4 : sh.G - g0 >= 2 ? 2 : 1;
+    subgroups.emplace_back(g0, pick(kind, size, sh.chunks));
+    g0 += size;
+  }
   at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(static_cast<size_t>(sh.G * sh.chunks * kLanes)), of(qf.size()), scores;
+    const int64_t width = sh.chunks * kLanes;  // a head's lanes, D padded to whole chunks
+    std::vector<float> qf(static_cast<size_t>(sh.G * width)), of(qf.size()), scores;
+    std::vector<__m512> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / hkv, h = task % hkv, n = len[b];
       if (n == 0) continue;  // padding sequence: output stays 0
-      // the group's queries, pre-scaled, padded to whole 16-lane chunks with zeros
+      const int64_t start = sh.window > 0 ? std::max<int64_t>(0, n - sh.window) : 0;
+      // the group's queries, pre-scaled, padded with zeros
       std::fill(qf.begin(), qf.end(), 0.0f);
       for (int64_t g = 0; g < sh.G; ++g)
         for (int64_t d = 0; d < D; ++d)
-          qf[g * sh.chunks * kLanes + d] = to_float(qp, qt, (b * hq + h * sh.G + g) * D + d) * sh.scale;
-      const int32_t* table = tab + b * nblk;
-      switch (bits ? bits : cache.dtype == at::kFloat ? 0 : cache.dtype == at::kBFloat16 ? 1 : 2) {
-        case 0: attend<0>(cache, sh, qf.data(), table, n, h, of.data(), scores); break;
-        case 1: attend<1>(cache, sh, qf.data(), table, n, h, of.data(), scores); break;
-        case 2: attend<2>(cache, sh, qf.data(), table, n, h, of.data(), scores); break;
-        case 8: attend<8>(cache, sh, qf.data(), table, n, h, of.data(), scores); break;
-        default: attend<4>(cache, sh, qf.data(), table, n, h, of.data(), scores);
-      }
+          qf[g * width + d] = to_float(qp, qt, (b * hq + h * sh.G + g) * D + d) * sh.scale;
+      for (const auto& [g0, fn] : subgroups)
+        fn(cache, sh.chunks, qf.data() + g0 * width, tab + b * nblk, start, n, h, of.data() + g0 * width, scores,
+           scratch);
       for (int64_t g = 0; g < sh.G; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          from_float(op, qt, (b * hq + h * sh.G + g) * D + d, of[g * sh.chunks * kLanes + d]);
+        for (int64_t d = 0; d < D; ++d) from_float(op, qt, (b * hq + h * sh.G + g) * D + d, of[g * width + d]);
     }
   });
   return out;

@@ -43,7 +43,7 @@ SOURCES = tuple(
 )
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_panels.h",))
 CACHE_DIR = Path(os.environ.get("QSERVE_NATIVE_CACHE", Path.home() / ".cache" / "qserve" / "native"))
-ISA_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+ISA_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"]
 
 
 def cpu_has_avx512_bf16() -> bool:
