@@ -15,7 +15,7 @@ built once per machine with the C++ compiler inductor already needs, loaded as t
   caches; `decode_attention` below. ``QSERVE_NATIVE_ATTENTION=0`` keeps inductor's fusion of the torch ops.
 
 `available()` is False (and the callers keep oneDNN) when the CPU lacks AVX512-BF16, no compiler is found,
-the build fails, or ``QSERVE_NATIVE=0``. The build (~10 s) goes to ``~/.cache/qserve/native/<hash>/``, keyed by
+the build fails, or ``QSERVE_NATIVE=0``. The build (~45 s on 2 cores) goes to ``~/.cache/qserve/native/<hash>/``, keyed by
 the source, torch's version and the compiler, written under a temporary name and renamed into place, so
 processes that build at once never load a half-written library.
 """
@@ -81,7 +81,7 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cxx, *flags, *includes, *map(str, SOURCES), "-o", tmp, *libs, "-lc10", "-ltorch", "-ltorch_cpu"]
-    logger.info("building qserve's native CPU kernels (once per machine, ~10 s)")
+    logger.info("building qserve's native CPU kernels (once per machine, ~45 s on 2 cores)")
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(tmp, out)

@@ -9,7 +9,7 @@ import torch
 
 from qserve import LLM, SamplingParams
 from qserve.engine.metrics import METRIC_NAMES
-from qserve.engine.sampler import apply_top_k_top_p
+from qserve.engine.sampler import apply_top_k_top_p, sample_tensor
 from qserve.errors import QServeError
 from qserve.tokenizer import IncrementalDetokenizer, load_tokenizer
 from tests.tiny_models import EOS_ID
@@ -72,6 +72,35 @@ def test_top_k_top_p_mask() -> None:
     # probs ~ [0.087, 0.644, 0.237, 0.032]: top_p 0.7 keeps the two best
     assert torch.isinf(apply_top_k_top_p(logits, 0, 0.7)).tolist() == [True, False, False, True]
     assert torch.isinf(apply_top_k_top_p(logits, 0, 0.5)).tolist() == [True, False, True, True]
+
+
+def test_unseeded_rows_draw_together_from_their_distribution() -> None:
+    """Unseeded random rows share the engine's generator and are drawn in one batched exponential race:
+    the token frequencies follow softmax(logits / T), top-k / top-p masks hold, greedy and seeded rows
+    in the same batch are unaffected, and the same generator state gives the same tokens."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
+    params = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.0, top_k=2),
+        SamplingParams(temperature=0.0),  # greedy
+    ]
+    n = 4000
+    counts = torch.zeros(3, 4)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(n):
+        tokens, _ = sample_tensor(logits, params, [gen, gen, None])
+        counts[torch.arange(3), tokens] += 1
+    freq = counts / n
+    assert torch.allclose(freq[0], torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    assert freq[1, 2:].sum() == 0 and abs(freq[1, 0].item() - 4 / 7) < 0.03  # top-k 2: renormalized
+    assert freq[2, 3] == 1.0  # greedy
+    a = sample_tensor(logits, params, [torch.Generator().manual_seed(3)] * 2 + [None])[0]
+    b = sample_tensor(logits, params, [torch.Generator().manual_seed(3)] * 2 + [None])[0]
+    assert torch.equal(a, b)
+    seeded = SamplingParams(temperature=1.0, seed=11)  # its own generator: drawn on its own, as before
+    x = sample_tensor(logits[:1], [seeded], [torch.Generator().manual_seed(11)])[0]
+    y = sample_tensor(logits, [seeded, *params[1:]], [torch.Generator().manual_seed(11), gen, None])[0]
+    assert x[0] == y[0]
 
 
 def test_max_tokens_and_eos(llm: LLM) -> None:

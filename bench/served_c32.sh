@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 16's serving comparison: qserve (bf16 and int4 weights) against vLLM's CPU OpenAI server as its users
+# run it (default torch.compile path), demo model, all up at once and driven in turn by vLLM's own client:
+# random 256-token prompts, 128 output tokens, concurrency 32, 192 requests, A B C per round.
+#
+#   bench/served_c32.sh [ROUNDS]               # default 2
+#
+# Needs .venv (make install), vLLM's venv ($VLLM_PY, ../shared/peers/vllm-cpu.sh) and the int4 conversion
+# ($INT4: `qserve convert demo DIR --weights int4`). Run it on a quiet machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+rounds=${1:-2}
+VLLM_PY=${VLLM_PY:-$HOME/.cache/vllm-cpu/bin/python}
+INT4=${INT4:-/tmp/demo-int4}
+log=${LOG_DIR:-/tmp/served_c32}
+mkdir -p "$log"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+servers=()
+.venv/bin/qserve serve demo --port 8081 --disable-access-log >"$log/qserve-bf16.log" 2>&1 &
+pids+=($!) servers+=(qserve-bf16:8081)
+.venv/bin/qserve serve "$INT4" --port 8082 --served-model-name demo --disable-access-log >"$log/qserve-int4.log" 2>&1 &
+pids+=($!) servers+=(qserve-int4:8082)
+# vLLM runs outside the repo root (its model-inspection subprocess would import the repo's kernels/ folder)
+(cd /tmp && VLLM_CPU_KVCACHE_SPACE=2 exec "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
+  --model "$root/qserve/demo/model" --served-model-name demo --host 127.0.0.1 --port 8083 \
+  --max-model-len 1024 >"$log/vllm.log" 2>&1) &
+pids+=($!) servers+=(vllm:8083)
+for s in "${servers[@]}"; do
+  for _ in $(seq 600); do
+    curl -sf "http://127.0.0.1:${s##*:}/v1/models" >/dev/null && break
+    sleep 1
+  done
+  curl -sf "http://127.0.0.1:${s##*:}/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"model": "demo", "prompt": "hello", "max_tokens": 16}' >/dev/null
+done
+for r in $(seq "$rounds"); do
+  for s in "${servers[@]}"; do
+    out=$("$VLLM_PY" bench/vllm_client.py --backend openai --base-url "http://127.0.0.1:${s##*:}" \
+      --endpoint /v1/completions --model demo --tokenizer qserve/demo/model --dataset-name random \
+      --random-input-len 256 --random-output-len 128 --num-prompts 192 --max-concurrency 32 --ignore-eos \
+      --seed "$r" 2>&1)
+    grep -E "Output token throughput|Mean TTFT|Mean TPOT|P99 TPOT" <<<"$out" |
+      awk -v r="$r" -v s="${s%%:*}" '{v[NR]=$NF} END {printf "round %s %-12s out %8.1f tok/s  TTFT %7.1f ms  TPOT %6.2f ms  p99 TPOT %6.2f ms\n", r, s, v[1], v[2], v[3], v[4]}'
+  done
+done
