@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
+from qserve.kernels import cpu_native
 from qserve.kernels.attention import DecodePlan, KVLayout, paged_attention_cpu, store_kv
 
 # Plans of the step in progress, keyed by cache shape and window; None outside `step_plans()`.
@@ -77,6 +78,40 @@ def paged_attention_cpu_op(
         return out
     kn, vn = k[:n], v[:n]
     store_kv(kn, vn, kv_cache, slot_mapping[:n], layout)
+    if num_decodes and cpu_native.attention_available():
+        # the step's decodes through the native kernel (their K/V are stored above: every slot -1 here),
+        # the prefills below; a mixed step at concurrency 32 is mostly decodes
+        d = num_decodes
+        out[:d] = cpu_native.decode_attention(
+            q[:d],
+            k[:d],
+            v[:d],
+            kv_cache,
+            slot_mapping.new_full((d,), -1),
+            block_tables[:d],
+            seq_lens[:d],
+            scale,
+            block_size,
+            head_dim,
+            bits,
+            sliding_window,
+        )
+        if d == b:
+            return out
+        out[d:n] = paged_attention_cpu(
+            q[d:n],
+            kv_cache,
+            block_tables[d:b],
+            lens[d:b],
+            [x - qsl[d] for x in qsl[d : b + 1]],
+            0,
+            scale,
+            layout,
+            sliding_window or None,
+            new_kv=(kn[qsl[d] :], vn[qsl[d] :]),
+            plans=_step_plans,
+        )
+        return out
     out[:n] = paged_attention_cpu(
         q[:n],
         kv_cache,
