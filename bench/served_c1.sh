@@ -41,25 +41,6 @@ for qp in bf16:8066 q4_0:8067; do
   pids+=($!)
   servers+=("llama-$q:$port")
 done
-for s in "${servers[@]}"; do
-  port=${s##*:}
-  for _ in $(seq 300); do
-    curl -sf "http://127.0.0.1:$port/v1/models" >/dev/null && break
-    sleep 1
-  done
-done
-# one warm-up request each (qserve compiles at start-up; this warms the HTTP path and llama.cpp's caches)
-for s in "${servers[@]}"; do
-  curl -sf "http://127.0.0.1:${s##*:}/v1/completions" -H 'Content-Type: application/json' \
-    -d '{"model": "demo", "prompt": "hello", "max_tokens": 16}' >/dev/null
-done
-for r in $(seq "$rounds"); do
-  for s in "${servers[@]}"; do
-    out=$("$VLLM_PY" bench/vllm_client.py --backend openai --base-url "http://127.0.0.1:${s##*:}" \
-      --endpoint /v1/completions --model demo --tokenizer qserve/demo/model --dataset-name random \
-      --random-input-len 128 --random-output-len 128 --num-prompts 16 --max-concurrency 1 --ignore-eos \
-      --seed "$r" 2>&1)
-    grep -E "Output token throughput|Mean TTFT|Mean TPOT|P99 TPOT" <<<"$out" |
-      awk -v r="$r" -v s="${s%%:*}" '{v[NR]=$NF} END {printf "round %s %-16s out %8.1f tok/s  TTFT %6.1f ms  TPOT %5.2f ms  p99 TPOT %5.2f ms\n", r, s, v[1], v[2], v[3], v[4]}'
-  done
-done
+source bench/served_lib.sh
+ready_all
+drive_rounds "$rounds" --random-input-len 128 --random-output-len 128 --num-prompts 16 --max-concurrency 1

@@ -27,21 +27,6 @@ pids+=($!) servers+=(qserve-int4:8082)
   --model "$root/qserve/demo/model" --served-model-name demo --host 127.0.0.1 --port 8083 \
   --max-model-len 1024 >"$log/vllm.log" 2>&1) &
 pids+=($!) servers+=(vllm:8083)
-for s in "${servers[@]}"; do
-  for _ in $(seq 600); do
-    curl -sf "http://127.0.0.1:${s##*:}/v1/models" >/dev/null && break
-    sleep 1
-  done
-  curl -sf "http://127.0.0.1:${s##*:}/v1/completions" -H 'Content-Type: application/json' \
-    -d '{"model": "demo", "prompt": "hello", "max_tokens": 16}' >/dev/null
-done
-for r in $(seq "$rounds"); do
-  for s in "${servers[@]}"; do
-    out=$("$VLLM_PY" bench/vllm_client.py --backend openai --base-url "http://127.0.0.1:${s##*:}" \
-      --endpoint /v1/completions --model demo --tokenizer qserve/demo/model --dataset-name random \
-      --random-input-len 256 --random-output-len 128 --num-prompts 192 --max-concurrency 32 --ignore-eos \
-      --seed "$r" 2>&1)
-    grep -E "Output token throughput|Mean TTFT|Mean TPOT|P99 TPOT" <<<"$out" |
-      awk -v r="$r" -v s="${s%%:*}" '{v[NR]=$NF} END {printf "round %s %-12s out %8.1f tok/s  TTFT %7.1f ms  TPOT %6.2f ms  p99 TPOT %6.2f ms\n", r, s, v[1], v[2], v[3], v[4]}'
-  done
-done
+source bench/served_lib.sh
+ready_all
+drive_rounds "$rounds" --random-input-len 256 --random-output-len 128 --num-prompts 192 --max-concurrency 32
