@@ -104,37 +104,47 @@ class SamplingParams:
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            raise QServeError(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}")
+            raise QServeError(
+                f"max_tokens must be a non-negative integer, got {self.max_tokens!r}", "max_tokens"
+            )
         if not 0.0 <= self.temperature <= 100.0:
-            raise QServeError(f"temperature must be in [0, 100], got {self.temperature}")
+            raise QServeError(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
-            raise QServeError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise QServeError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
-            raise QServeError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
+            raise QServeError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}", "top_k")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             if n is not None and not 0 <= n <= 20:
-                raise QServeError(f"{name} must be between 0 and 20, got {n}")
+                raise QServeError(f"{name} must be between 0 and 20, got {n}", name)
         if not 0.0 <= self.min_p <= 1.0:
-            raise QServeError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise QServeError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise QServeError(f"min_tokens must be a non-negative integer, got {self.min_tokens!r}")
+            raise QServeError(
+                f"min_tokens must be a non-negative integer, got {self.min_tokens!r}", "min_tokens"
+            )
         if self.min_tokens > self.max_tokens:
             raise QServeError(
-                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", "min_tokens"
             )
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                raise QServeError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise QServeError(f"{name} must be in [-2, 2], got {getattr(self, name)}", name)
         if not 0.0 < self.repetition_penalty <= 2.0:
-            raise QServeError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+            raise QServeError(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}", "repetition_penalty"
+            )
         for tok, bias in (self.logit_bias or {}).items():
             if not isinstance(tok, int) or tok < 0:
-                raise QServeError(f"logit_bias keys must be token ids (non-negative integers), got {tok!r}")
+                raise QServeError(
+                    f"logit_bias keys must be token ids (non-negative integers), got {tok!r}", "logit_bias"
+                )
             if not -100.0 <= bias <= 100.0:
-                raise QServeError(f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
+                raise QServeError(
+                    f"logit_bias values must be in [-100, 100], got {bias} for token {tok}", "logit_bias"
+                )
         if any(t < 0 for t in self.stop_token_ids or ()):
-            raise QServeError("stop_token_ids must be non-negative token ids")
+            raise QServeError("stop_token_ids must be non-negative token ids", "stop_token_ids")
 
     @property
     def greedy(self) -> bool:

@@ -239,7 +239,7 @@ class SamplingFields(_Body):
                 structured_outputs=structured,
             )
         except QServeError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=e.param) from None
 
 
 class CompletionRequest(SamplingFields):

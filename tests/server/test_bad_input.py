@@ -87,6 +87,10 @@ def test_messages_name_the_problem(http: httpx.Client) -> None:
     assert "maximum context length is 512 tokens" in err["message"]
     err = http.post(COMPLETIONS, json={**OK, "model": "gpt-9"}).json()["error"]
     assert err["code"] == "model_not_found"
+    # a value out of range names its field too, as OpenAI's API does
+    for field, value in (("temperature", -3), ("top_p", 0), ("presence_penalty", 5), ("min_p", 2)):
+        err = http.post(COMPLETIONS, json={**OK, field: value}).json()["error"]
+        assert err["param"] == field and field in err["message"], err
 
 
 def test_oversize_body_413(http: httpx.Client) -> None:
