@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qserve.kernels import cpu_native
 from qserve.kernels.attention import KVLayout, paged_attention_ref, store_kv
 from qserve.kernels.cpu_ops import batch_layout, linear_packed, paged_attention_cpu_op
 from qserve.kernels.kv_quant import block_bytes
@@ -60,8 +61,18 @@ def padded_batch(
 
 @pytest.mark.parametrize("bits", [0, 8, 4])
 @pytest.mark.parametrize(("pad_tokens", "pad_seqs"), [(0, 0), (3, 0), (5, 2)])
-def test_padded_batch_matches_reference(bits: int, pad_tokens: int, pad_seqs: int) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["native-decodes", "torch-decodes"])
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "decodes-only"])
+def test_padded_batch_matches_reference(
+    bits: int, pad_tokens: int, pad_seqs: int, native: bool, mixed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decodes through the native kernel where it runs (kernels/cpu_attention.cpp), or the torch plan."""
+    if native and not cpu_native.available():
+        pytest.skip("needs the native kernels")
+    monkeypatch.setenv("QSERVE_NATIVE_ATTENTION", "1" if native else "0")
     seq_lens, query_lens = [5, 9, 1, 12, 7], [1, 1, 1, 12, 3]  # three decodes, a prefill, a chunk
+    if not mixed:
+        query_lens = [1] * len(seq_lens)
     args, cache, qsl = padded_batch(seq_lens, query_lens, pad_tokens, pad_seqs, bits)
     layout = KVLayout(BS, D, bits)
     untouched = cache.clone()
