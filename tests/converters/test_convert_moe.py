@@ -92,15 +92,14 @@ def test_converted_bf16_moe_in_the_gpu_layout_matches_the_cpu_kernels(
     src = tiny_model_factory(arch, dtype=torch.bfloat16)
     out = convert(src, tmp_path / "q", weights=weights, group_size=32, progress=False)
     batch = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
-    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
 
-    def run() -> tuple[set[str], list[list[int]]]:
+    def run() -> tuple[set[str], list[tuple[list[int], list[dict[int, float]]]]]:
         llm = LLM(str(out), kv_cache_memory=1 << 20, enforce_eager=True)
         layers = [m for m in llm.engine.model.modules() if isinstance(m, FusedMoE)]
         assert {m.w13_scales.dtype for m in layers} == {torch.bfloat16}  # type: ignore[union-attr]
-        return {m.kind for m in layers}, [
-            o.token_ids for o in llm.generate(prompt_token_ids=batch, sampling_params=sp)
-        ]
+        outs = llm.generate(prompt_token_ids=batch, sampling_params=sp)
+        return {m.kind for m in layers}, [(o.token_ids, [lp.top for lp in o.logprobs]) for o in outs]
 
     cpu_kinds, expected = run()
     assert cpu_kinds == {f"cpu-{weights}"}
@@ -113,4 +112,12 @@ def test_converted_bf16_moe_in_the_gpu_layout_matches_the_cpu_kernels(
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     gpu_kinds, got = run()
     assert gpu_kinds == {weights} and calls
-    assert got == expected
+    # the same greedy tokens, up to the first step where the CPU run's best two are tied within bf16 noise
+    # (two kernels may then pick either; seen: an exact tie at -3.0293); there, one of the tied pair
+    for (want, tops), (have, _) in zip(expected, got, strict=True):
+        for i, (token, top) in enumerate(zip(want, tops, strict=True)):
+            best = sorted(top.items(), key=lambda kv: -kv[1])
+            if len(best) > 1 and best[0][1] - best[1][1] < 0.02:
+                assert have[i] in (best[0][0], best[1][0]) and have[:i] == want[:i]
+                break
+            assert have[i] == token, (i, have, want)
