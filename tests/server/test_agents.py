@@ -288,7 +288,7 @@ def test_bad_inputs_get_400_with_the_parser_message(
         ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a"}}, "guided_regex", "only one"),
         ({"extra_body": {"mirostat": 2}}, "mirostat", "not supported"),
         ({"logit_bias": {"x": 1}}, "logit_bias", "token ids"),
-        ({"presence_penalty": 3.0}, None, "presence_penalty"),
+        ({"presence_penalty": 3.0}, "presence_penalty", "presence_penalty"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not in 'tools'"),
     ]  # fmt: skip
     for kw, param, words in cases:
