@@ -111,11 +111,6 @@ inline __m512 load_lanes(const uint8_t* t, int64_t c, __mmask16 mask, __m512 s, 
   }
 }
 
-struct Shapes {
-  int64_t B, hq, hkv, G, D, chunks, nblk, window;
-  float scale;
-};
-
 // lane i of the result = the sum of a[i]'s 16 lanes: a transpose-and-add tree, 45 shuffles and adds for 16
 // sums where one `_mm512_reduce_add_ps` each costs ~8 dependent ones.
 inline __m512 hsum16(const __m512* a) {
@@ -207,7 +202,7 @@ void attend(const Cache& cache, int64_t C_rt, const float* q, const int32_t* tab
     inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
   }
   // out = sum_t p_t v_t; each value row read once for the G heads
-  scratch.assign(static_cast<size_t>(G * C), _mm512_setzero_ps());
+  scratch.resize(static_cast<size_t>(G * C));  // runtime C: the accumulators live here (zeroed below)
   __m512 reg[G * (CT ? CT : 1)];
   __m512* o = CT ? reg : scratch.data();
   for (int64_t j = 0; j < G * C; ++j) o[j] = _mm512_setzero_ps();
@@ -360,7 +355,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   }
 
   // 2. attention, one task per (sequence, KV head)
-  Shapes sh{B, hq, hkv, hq / hkv, D, (D + kLanes - 1) / kLanes, nblk, sliding_window, static_cast<float>(scale)};
+  const int64_t G = hq / hkv, chunks = (D + kLanes - 1) / kLanes;
+  const float qscale = static_cast<float>(scale);
   at::Tensor out = at::zeros_like(q_in, q_in.options().memory_format(at::MemoryFormat::Contiguous));
   const at::Tensor qc = q_in.contiguous();
   const void* qp = qc.data_ptr();
@@ -368,29 +364,29 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   // a group of G query heads runs as sub-groups of 8, 4, 2, 1 heads (each a compiled-size kernel)
   const int64_t kind = bits ? bits : cache.dtype == at::kFloat ? 0 : cache.dtype == at::kBFloat16 ? 1 : 2;
   std::vector<std::pair<int64_t, AttendFn>> subgroups;  // (first head in the group, kernel)
-  for (int64_t g0 = 0; g0 < sh.G;) {
-    const int size = sh.G - g0 >= 8 ? 8 : sh.G - g0 >= 4 ? 4 : sh.G - g0 >= 2 ? 2 : 1;
-    subgroups.emplace_back(g0, pick(kind, size, sh.chunks));
+  for (int64_t g0 = 0; g0 < G;) {
+    const int size = G - g0 >= 8 ? 8 : G - g0 >= 4 ? 4 : G - g0 >= 2 ? 2 : 1;
+    subgroups.emplace_back(g0, pick(kind, size, chunks));
     g0 += size;
   }
   at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
-    const int64_t width = sh.chunks * kLanes;  // a head's lanes, D padded to whole chunks
-    std::vector<float> qf(static_cast<size_t>(sh.G * width)), of(qf.size()), scores;
+    const int64_t width = chunks * kLanes;  // a head's lanes, D padded to whole chunks
+    std::vector<float> qf(static_cast<size_t>(G * width)), of(qf.size()), scores;
     std::vector<__m512> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / hkv, h = task % hkv, n = len[b];
       if (n == 0) continue;  // padding sequence: output stays 0
-      const int64_t start = sh.window > 0 ? std::max<int64_t>(0, n - sh.window) : 0;
+      const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, n - sliding_window) : 0;
       // the group's queries, pre-scaled, padded with zeros
       std::fill(qf.begin(), qf.end(), 0.0f);
-      for (int64_t g = 0; g < sh.G; ++g)
+      for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d)
-          qf[g * width + d] = to_float(qp, qt, (b * hq + h * sh.G + g) * D + d) * sh.scale;
+          qf[g * width + d] = to_float(qp, qt, (b * hq + h * G + g) * D + d) * qscale;
       for (const auto& [g0, fn] : subgroups)
-        fn(cache, sh.chunks, qf.data() + g0 * width, tab + b * nblk, start, n, h, of.data() + g0 * width, scores,
+        fn(cache, chunks, qf.data() + g0 * width, tab + b * nblk, start, n, h, of.data() + g0 * width, scores,
            scratch);
-      for (int64_t g = 0; g < sh.G; ++g)
-        for (int64_t d = 0; d < D; ++d) from_float(op, qt, (b * hq + h * sh.G + g) * D + d, of[g * width + d]);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) from_float(op, qt, (b * hq + h * G + g) * D + d, of[g * width + d]);
     }
   });
   return out;

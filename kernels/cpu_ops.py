@@ -78,6 +78,7 @@ def paged_attention_cpu_op(
         return out
     kn, vn = k[:n], v[:n]
     store_kv(kn, vn, kv_cache, slot_mapping[:n], layout)
+    d = 0  # leading decodes already attended
     if num_decodes and cpu_native.attention_available():
         # the step's decodes through the native kernel (their K/V are stored above: every slot -1 here),
         # the prefills below; a mixed step at concurrency 32 is mostly decodes
@@ -98,31 +99,18 @@ def paged_attention_cpu_op(
         )
         if d == b:
             return out
-        out[d:n] = paged_attention_cpu(
-            q[d:n],
-            kv_cache,
-            block_tables[d:b],
-            lens[d:b],
-            [x - qsl[d] for x in qsl[d : b + 1]],
-            0,
-            scale,
-            layout,
-            sliding_window or None,
-            new_kv=(kn[qsl[d] :], vn[qsl[d] :]),
-            plans=_step_plans,
-        )
-        return out
-    out[:n] = paged_attention_cpu(
-        q[:n],
+    # decode rows are one token each, so the rest start at token row d
+    out[d:n] = paged_attention_cpu(
+        q[d:n],
         kv_cache,
-        block_tables[:b],
-        lens[:b],
-        qsl[: b + 1],
-        num_decodes,
+        block_tables[d:b],
+        lens[d:b],
+        [x - d for x in qsl[d : b + 1]],
+        num_decodes - d,
         scale,
         layout,
         sliding_window or None,
-        new_kv=(kn, vn),
+        new_kv=(kn[d:], vn[d:]),
         plans=_step_plans,
     )
     return out
