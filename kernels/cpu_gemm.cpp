@@ -50,11 +50,20 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& packed, const c10:
   return c.y;
 }
 
+// Sets the panel linears' one-thread threshold (cpu_panels.h min_thread_work); returns the previous value.
+int64_t set_min_thread_work(int64_t work) {
+  TORCH_CHECK(work >= 1, "set_min_thread_work: work must be at least 1, got ", work);
+  const int64_t previous = min_thread_work();
+  min_thread_work() = work;
+  return previous;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qserve_cpu, m) {
   m.def("pack_bf16(Tensor w) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  m.def("set_min_thread_work(int work) -> int", &set_min_thread_work);
 }
 
 TORCH_LIBRARY_IMPL(qserve_cpu, CPU, m) {

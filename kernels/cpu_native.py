@@ -183,6 +183,13 @@ def linear_bf16(
     return torch.ops.qserve_cpu.linear_bf16(x, packed, bias, out_features)
 
 
+def set_min_thread_work(work: int) -> int:
+    """Set how many multiply-adds a panel linear call (bf16, int4, int8) needs before it uses a second thread;
+    returns the previous value. Outputs do not depend on it (each tile is summed the same way on any thread);
+    the default (2**18) is what batch-1 decode on 2 cores wanted. For A/B benchmarks in one process."""
+    return int(torch.ops.qserve_cpu.set_min_thread_work(work))
+
+
 def pack_w4(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

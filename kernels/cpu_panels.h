@@ -103,6 +103,15 @@ struct Tile {
   __mmask16 tail;
 };
 
+// A call of at most this many multiply-adds runs on one thread (at::parallel_for's grain). At batch 1 on 2 cores
+// (bf16, us per call, 1 vs 2 threads): 384 x 256 (98K) 5.0 vs 7.6, 256 x 768 (197K) 7.0 vs 7.8, 1536 x 256
+// (393K) 12.4 vs 8.5, 4096 x 256 (1M) 33 vs 20 (bench/cpu_linear_w4.py): a second thread pays from ~300K.
+// `qserve_cpu::set_min_thread_work` changes it (benchmarks A/B it in one process; results do not depend on it).
+inline int64_t& min_thread_work() {
+  static int64_t work = int64_t{1} << 18;
+  return work;
+}
+
 // fn(tile, scratch) for every (64-column group, chunk of up to 64 rows) of the call, in parallel: a task's
 // panels stay in L1/L2 across its rows. `scratch` is one buffer per thread chunk (the quantized kernels'
 // dequantized panels).
@@ -110,9 +119,9 @@ template <typename F>
 inline void for_each_tile(const PanelCall& c, const F& fn) {
   const int64_t groups = (c.panels + NB - 1) / NB;
   const int64_t row_chunk = 64, chunks = (c.M + row_chunk - 1) / row_chunk;
-  // Below ~64K multiply-adds a task the fork/join costs more than a second thread saves.
+  // below min_thread_work() multiply-adds the fork/join costs more than a second thread saves
   const int64_t per_task = std::min(c.M, row_chunk) * NB * kPanel * c.K;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(per_task, 1));
+  const int64_t grain = std::max<int64_t>(1, min_thread_work() / std::max<int64_t>(per_task, 1));
   at::parallel_for(0, groups * chunks, grain, [&](int64_t t0, int64_t t1) {
     std::vector<bf16> scratch;
     for (int64_t t = t0; t < t1; ++t) {

@@ -111,3 +111,40 @@ def test_opcheck() -> None:
     torch.library.opcheck(
         torch.ops.qserve_cpu.linear_bf16.default, args, test_utils=("test_schema", "test_faketensor")
     )
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 40])
+def test_min_thread_work_changes_threads_not_results(m: int) -> None:
+    """The one-thread threshold of the panel linears (bf16, int4, int8) decides how a call splits over threads,
+    never what it computes: one thread (huge threshold) and every task split off (threshold 1) agree bit for
+    bit, at the decode (codes) and the tile paths."""
+    from tests.kernels.test_cpu_native_w4 import random_int4
+    from tests.kernels.test_cpu_native_w8 import random_int8
+
+    g = torch.Generator().manual_seed(m)
+    n, k = 1536, 256  # the demo's gate_up: 393K multiply-adds a row, over the default threshold at one row
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = cpu_native.pack_bf16(torch.randn(n, k, generator=g).bfloat16())
+    w4 = cpu_native.pack_w4(*random_int4(n, k, 128, seed=m), 128)
+    w8 = cpu_native.pack_w8(*random_int8(n, k, seed=m))
+    calls = {
+        "bf16": lambda: cpu_native.linear_bf16(x, w, None, n),
+        "int4": lambda: cpu_native.linear_w4(x, w4, None, n, 128),
+        "int8": lambda: cpu_native.linear_w8(x, w8, None, n),
+    }
+    threads = torch.get_num_threads()
+    default = cpu_native.set_min_thread_work(1)
+    try:
+        assert default == 1 << 18
+        torch.set_num_threads(2)
+        split = {name: f() for name, f in calls.items()}
+        assert cpu_native.set_min_thread_work(1 << 40) == 1
+        alone = {name: f() for name, f in calls.items()}
+    finally:
+        cpu_native.set_min_thread_work(default)
+        torch.set_num_threads(threads)
+    for name in calls:
+        assert torch.equal(split[name], alone[name]), name
+    with pytest.raises(RuntimeError, match="at least 1"):
+        cpu_native.set_min_thread_work(0)
+    assert cpu_native.set_min_thread_work(default) == default
