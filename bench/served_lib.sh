@@ -21,7 +21,7 @@ drive_rounds() {  # ROUNDS, then the client's workload flags; the seed is the ro
   local n=${#servers[@]} i
   for r in $(seq "$rounds"); do
     # each round starts one server further along: two identical qserve servers driven A B then llama.cpp measured
-    # the first one 6-25% slower in 6 rounds of 6 (2026-12-08), so a fixed order would bias the first server
+    # the first one 6-25% slower in 5 rounds of 6 (2026-12-08, both orders), so a fixed order may bias the first
     for i in $(seq 0 $((n - 1))); do
       s=${servers[$(((i + r - 1) % n))]}
       out=$("$VLLM_PY" bench/vllm_client.py --backend openai --base-url "http://127.0.0.1:${s##*:}" \
